@@ -1,0 +1,288 @@
+"""LycoLayer: the one wrapper class for every algorithm.
+
+It keeps the frozen layer as its `base` child and is the only place where
+`strength * alpha / rank * ΔW` is applied. Forward runs one of two paths:
+bypass (ΔW·x without building ΔW) or rebuild (one F.linear/F.conv2d with W + strength·s·ΔW,
+collapsing nested wrappers into a single op). Merge bakes the contribution into the base weight
+and unmerge restores the kept original bit-exactly.
+"""
+from __future__ import annotations
+
+import math
+from types import ModuleType
+from typing import Mapping
+
+import torch
+from torch import Tensor, nn
+
+from .algos import get_algorithm
+from .dora import DORA_AXES, dora_axis_of, dora_weight, weight_norms
+from .spec import LayerSpec
+
+PATHS = ("auto", "bypass", "rebuild")
+
+
+def _param_name(suffix: str) -> str:
+    return suffix.replace(".", "_")
+
+
+class LycoLayer(nn.Module):
+    """A low-rank adapter around a frozen nn.Linear / nn.Conv2d (or around another LycoLayer)."""
+
+    is_lyco_wrapper = True
+
+    def __init__(
+        self,
+        base: nn.Module,
+        *,
+        algo: str,
+        tensors: Mapping[str, Tensor],
+        alpha: float | None = None,
+        dora_scale: Tensor | None = None,
+        name: str = "",
+        strength: float = 1.0,
+        dropout: float = 0.0,
+        rank_dropout: float = 0.0,
+        module_dropout: float = 0.0,
+        path: str = "auto",
+    ) -> None:
+        super().__init__()
+        if path not in PATHS:
+            raise ValueError(f"{name or 'adapter'}: path must be one of {PATHS}, got {path!r}")
+        self.base = base
+        self.name = name
+        self.algo: ModuleType = get_algorithm(algo)
+        self.spec = LayerSpec.from_module(self.innermost)
+        self.param_keys = tuple(tensors)
+        self.adapter = nn.ParameterDict(
+            {_param_name(k): nn.Parameter(t.detach().clone().float()) for k, t in tensors.items()}
+        )
+        self._check_shapes()
+        rank = self.algo.scale_rank(dict(tensors))
+        self.rank = rank
+        if rank is None or alpha is None:
+            alpha = float(rank) if rank is not None and alpha is None else alpha
+        self.register_buffer("alpha", torch.tensor(float(alpha) if alpha is not None else 1.0), persistent=True)
+        self.alpha_given = alpha is not None
+        self.dora_scale = (
+            nn.Parameter(dora_scale.detach().clone().float().reshape(self._dora_shape(dora_scale)))
+            if dora_scale is not None
+            else None
+        )
+        self.strength = float(strength)
+        self.enabled = True
+        self.dropout = dropout
+        self.rank_dropout = rank_dropout
+        self.module_dropout = module_dropout
+        self.path = path
+        self._weight_before_merge: Tensor | None = None
+
+    # ----- construction ---------------------------------------------------------------------------
+    @classmethod
+    def create(
+        cls,
+        base: nn.Module,
+        *,
+        algo: str = "lora",
+        rank: int = 8,
+        alpha: float | None = None,
+        dora: bool = False,
+        dora_axis: str = "input",
+        rs_lora: bool = False,
+        options: Mapping[str, object] | None = None,
+        **layer_kwargs,
+    ) -> "LycoLayer":
+        """A freshly initialised adapter whose ΔW is exactly zero."""
+        algorithm = get_algorithm(algo)
+        options = dict(options or {})
+        unknown = set(options) - set(algorithm.OPTIONS)
+        if unknown:
+            raise ValueError(f"options {sorted(unknown)} do not apply to {algorithm.NAME}; valid: {list(algorithm.OPTIONS)}")
+        if rank < 1:
+            raise ValueError(f"rank must be >= 1, got {rank}")
+        inner = _innermost(base)
+        spec = LayerSpec.from_module(inner)
+        tensors = algorithm.init_params(spec, rank, **options)
+        scale_rank = algorithm.scale_rank(tensors)
+        alpha = float(rank if alpha is None or alpha == 0 else alpha)
+        if scale_rank is None:
+            alpha = float(rank)  # both LoKr factors full: scale 1, and LyCORIS writes alpha = rank
+        elif rs_lora:
+            alpha = alpha * math.sqrt(scale_rank)  # runtime alpha/sqrt(r) stored so that stored/r reproduces it
+        dora_scale = None
+        if dora:
+            if dora_axis not in DORA_AXES:
+                raise ValueError(f"dora_axis must be one of {DORA_AXES}, got {dora_axis!r}")
+            dora_scale = weight_norms(inner.weight.detach().float(), dora_axis)
+        return cls(base, algo=algorithm.NAME, tensors=tensors, alpha=alpha, dora_scale=dora_scale, **layer_kwargs)
+
+    def _check_shapes(self) -> None:
+        with torch.device("meta"):
+            meta = {k: torch.empty(p.shape) for k, p in self.tensors().items()}
+            try:
+                shape = tuple(self.algo.delta_weight(meta, self.spec).shape)
+            except RuntimeError as err:
+                raise ValueError(f"{self.name}: {self.algo.NAME} tensors {self._shapes()} do not fit a layer of weight shape {self.spec.weight_shape}: {err}") from None
+        if shape != self.spec.weight_shape:
+            raise ValueError(f"{self.name}: {self.algo.NAME} tensors {self._shapes()} give ΔW {shape}, but the layer weight is {self.spec.weight_shape}")
+
+    def _shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: tuple(p.shape) for k, p in self.tensors().items()}
+
+    def _dora_shape(self, dora_scale: Tensor) -> tuple[int, ...]:
+        axis = dora_axis_of(tuple(dora_scale.shape), self.spec.weight_shape)
+        if axis is None:
+            raise ValueError(f"{self.name}: dora_scale of shape {tuple(dora_scale.shape)} fits neither axis of weight {self.spec.weight_shape}")
+        rest = [1] * (len(self.spec.weight_shape) - 2)
+        return (self.spec.out_features, 1, *rest) if axis == "output" else (1, self.spec.in_features, *rest)
+
+    # ----- views -----------------------------------------------------------------------------------
+    @property
+    def innermost(self) -> nn.Module:
+        return _innermost(self.base)
+
+    @property
+    def scale(self) -> float:
+        """alpha / r, or 1 when the algorithm has no rank (LoKr with two full factors)."""
+        return float(self.alpha) / self.rank if self.rank else 1.0
+
+    @property
+    def dora_axis(self) -> str | None:
+        return None if self.dora_scale is None else dora_axis_of(tuple(self.dora_scale.shape), self.spec.weight_shape)
+
+    @property
+    def merged(self) -> bool:
+        return self._weight_before_merge is not None
+
+    def tensors(self) -> dict[str, Tensor]:
+        """The algorithm's tensors by file suffix (lora_down.weight, hada_w1_a, ...)."""
+        return {k: self.adapter[_param_name(k)] for k in self.param_keys}
+
+    def up_parameters(self) -> list[nn.Parameter]:
+        return [self.adapter[_param_name(k)] for k in self.param_keys if k in self.algo.UP_KEYS]
+
+    def down_parameters(self) -> list[nn.Parameter]:
+        ups = {id(p) for p in self.up_parameters()}
+        rest = [p for p in self.adapter.values() if id(p) not in ups]
+        return rest + ([self.dora_scale] if self.dora_scale is not None else [])
+
+    # ----- math ------------------------------------------------------------------------------------
+    def delta_weight(self) -> Tensor:
+        """The unscaled ΔW of the algorithm (FORMAT.md §2), in the layer's weight shape, fp32."""
+        return self.algo.delta_weight(self.tensors(), self.spec)
+
+    def contribution(self, *, dtype: torch.dtype | None = None, params: Mapping[str, Tensor] | None = None) -> Tensor:
+        """What this adapter adds to the frozen weight at its strength: m·s·ΔW, or m·(DoRA(W+sΔW) − W)."""
+        params = self.tensors() if params is None else params
+        if dtype is not None:
+            params = {k: p.to(dtype) for k, p in params.items()}
+        delta = self.algo.delta_weight(dict(params), self.spec)
+        if self.dora_scale is None:
+            return delta * (self.strength * self.scale)
+        weight = self.innermost.weight.to(device=delta.device, dtype=torch.float32)
+        decomposed = dora_weight(weight + delta.float() * self.scale, self.dora_scale, self.dora_axis)
+        return ((decomposed - weight) * self.strength).to(delta.dtype)
+
+    def effective_weight(self, *, dtype: torch.dtype | None = None) -> Tensor:
+        """The frozen weight plus every active adapter contribution down the wrapper chain."""
+        inner = self.base.effective_weight(dtype=dtype) if isinstance(self.base, LycoLayer) else self.base.weight
+        if dtype is not None:
+            inner = inner.to(dtype)
+        if not self._active():
+            return inner
+        return inner + self.contribution(dtype=inner.dtype).to(inner.dtype)
+
+    # ----- forward ---------------------------------------------------------------------------------
+    def _active(self) -> bool:
+        return self.enabled and not self.merged and self.strength != 0.0
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        if not self._active() or (self.training and self.module_dropout and torch.rand(()) < self.module_dropout):
+            return self.base(x, *args, **kwargs)
+        params = {k: p.to(dtype=x.dtype) for k, p in self.tensors().items()}
+        keep = self._rank_keep_mask(params, x.device)
+        if keep is not None and hasattr(self.algo, "mask_rank"):
+            params, keep = self.algo.mask_rank(params, keep), None
+        if self._use_bypass(x, params):
+            adapter_in = nn.functional.dropout(x, self.dropout, training=True) if self._input_dropout() else x
+            out = self.algo.bypass(adapter_in, params, self.spec) * (self.strength * self.scale * self._rank_scale())
+            return self.base(x, *args, **kwargs) + _mask_channels(out, keep, self.spec)
+        delta = _mask_rows(self.contribution(dtype=x.dtype, params=params), keep) * self._rank_scale()
+        if self._input_dropout():
+            adapter_in = nn.functional.dropout(x, self.dropout, training=True)
+            return self.base(x, *args, **kwargs) + self.spec.apply(adapter_in, delta)
+        inner = self.base.effective_weight(dtype=x.dtype) if isinstance(self.base, LycoLayer) else self.base.weight.to(x.dtype)
+        bias = self.innermost.bias
+        return self.spec.apply(x, inner + delta, None if bias is None else bias.to(x.dtype))
+
+    def _input_dropout(self) -> bool:
+        return self.training and self.dropout > 0
+
+    def _rank_keep_mask(self, params: Mapping[str, Tensor], device: torch.device) -> Tensor | None:
+        if not (self.training and self.rank_dropout > 0):
+            return None
+        size = self.rank if hasattr(self.algo, "mask_rank") and self.rank else self.spec.out_features
+        return torch.rand(size, device=device) > self.rank_dropout
+
+    def _rank_scale(self) -> float:
+        return 1.0 / (1.0 - self.rank_dropout) if self.training and self.rank_dropout > 0 else 1.0
+
+    def _use_bypass(self, x: Tensor, params: Mapping[str, Tensor]) -> bool:
+        if self.path == "rebuild" or self.dora_scale is not None or not hasattr(self.algo, "bypass"):
+            if self.path == "bypass":
+                raise ValueError(f"{self.name}: the bypass path is not available for {self.algo.NAME}{' with DoRA' if self.dora_scale is not None else ''}")
+            return False
+        if self.path == "bypass" or (torch.is_grad_enabled() and any(p.requires_grad for p in self.adapter.values())):
+            return True
+        channels = x.shape[1] if self.spec.is_conv else x.shape[-1]
+        positions = x.numel() // max(channels, 1)
+        return positions * self.algo.bypass_cost(params, self.spec) < self.algo.rebuild_cost(params, self.spec)
+
+    # ----- merge -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Bake the contribution into the frozen weight (computed in fp32); keeps the original for unmerge."""
+        if self.merged:
+            return
+        weight = self.innermost.weight
+        delta = self.contribution(dtype=torch.float32).to(weight.device)
+        self.check_finite(delta)
+        self._weight_before_merge = weight.detach().clone()
+        weight.copy_((weight.float() + delta).to(weight.dtype))
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Restore the exact weight kept at merge time (no subtraction, so no drift)."""
+        if self._weight_before_merge is None:
+            return
+        self.innermost.weight.copy_(self._weight_before_merge)
+        self._weight_before_merge = None
+
+    def check_finite(self, delta: Tensor | None = None) -> None:
+        tensors = {"ΔW": delta} if delta is not None else dict(self.tensors())
+        for key, tensor in tensors.items():
+            if not torch.isfinite(tensor).all():
+                raise FloatingPointError(f"adapter module {self.name or self.spec}: {key} contains NaN or Inf values")
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, algo={self.algo.NAME}, rank={self.rank}, alpha={float(self.alpha):g}, strength={self.strength:g}, dora={self.dora_axis}"
+
+
+def _innermost(module: nn.Module) -> nn.Module:
+    while isinstance(module, LycoLayer):
+        module = module.base
+    return module
+
+
+def _mask_rows(delta: Tensor, keep: Tensor | None) -> Tensor:
+    if keep is None:
+        return delta
+    return delta * keep.reshape(-1, *([1] * (delta.dim() - 1))).to(delta.dtype)
+
+
+def _mask_channels(out: Tensor, keep: Tensor | None, spec: LayerSpec) -> Tensor:
+    if keep is None:
+        return out
+    if spec.is_conv:
+        return out * keep.reshape(1, -1, *([1] * (out.dim() - 2))).to(out.dtype)
+    return out * keep.to(out.dtype)
