@@ -31,6 +31,9 @@ def dora_axis_of(scale_shape: tuple[int, ...], weight_shape: tuple[int, ...]) ->
 
 
 def dora_weight(combined: Tensor, dora_scale: Tensor, axis: str) -> Tensor:
-    """dora_scale ⊙ V / (‖V‖ + eps), the norm of V = W + s·ΔW taken along `axis`."""
-    norm = weight_norms(combined, axis) + torch.finfo(combined.dtype).eps
+    """dora_scale ⊙ V / ‖V‖, the norm of V = W + s·ΔW taken along `axis`.
+
+    The norm is clamped at eps instead of having eps added (LyCORIS adds it) so that a fresh adapter,
+    whose dora_scale equals ‖W‖, reproduces W bit-exactly; the two differ by < 1e-7 relative."""
+    norm = weight_norms(combined, axis).clamp_min(torch.finfo(combined.dtype).eps)
     return combined * (dora_scale.to(combined.dtype) / norm)
