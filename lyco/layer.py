@@ -58,12 +58,10 @@ class LycoLayer(nn.Module):
             {_param_name(k): nn.Parameter(t.detach().clone().float()) for k, t in tensors.items()}
         )
         self._check_shapes()
-        rank = self.algo.scale_rank(dict(tensors))
-        self.rank = rank
-        if rank is None or alpha is None:
-            alpha = float(rank) if rank is not None and alpha is None else alpha
-        self.register_buffer("alpha", torch.tensor(float(alpha) if alpha is not None else 1.0), persistent=True)
-        self.alpha_given = alpha is not None
+        self.rank = self.algo.scale_rank(dict(tensors))
+        if alpha is None:  # a file without .alpha means scale 1, as in every reader (FORMAT.md §2)
+            alpha = float(self.rank or 1)
+        self.register_buffer("alpha", torch.tensor(float(alpha)), persistent=True)
         self.dora_scale = (
             nn.Parameter(dora_scale.detach().clone().float().reshape(self._dora_shape(dora_scale)))
             if dora_scale is not None
@@ -200,7 +198,7 @@ class LycoLayer(nn.Module):
         if not self._active() or (self.training and self.module_dropout and torch.rand(()) < self.module_dropout):
             return self.base(x, *args, **kwargs)
         params = {k: p.to(dtype=x.dtype) for k, p in self.tensors().items()}
-        keep = self._rank_keep_mask(params, x.device)
+        keep = self._rank_keep_mask(x.device)
         if keep is not None and hasattr(self.algo, "mask_rank"):
             params, keep = self.algo.mask_rank(params, keep), None
         if self._use_bypass(x, params):
@@ -218,7 +216,7 @@ class LycoLayer(nn.Module):
     def _input_dropout(self) -> bool:
         return self.training and self.dropout > 0
 
-    def _rank_keep_mask(self, params: Mapping[str, Tensor], device: torch.device) -> Tensor | None:
+    def _rank_keep_mask(self, device: torch.device) -> Tensor | None:
         if not (self.training and self.rank_dropout > 0):
             return None
         size = self.rank if hasattr(self.algo, "mask_rank") and self.rank else self.spec.out_features
