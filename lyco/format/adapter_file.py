@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections import Counter
@@ -106,9 +107,15 @@ def _module_entry(module: str, parts: dict[str, Tensor], peft_alphas: "_PeftAlph
     alpha_tensor = parts.get("alpha")
     alpha = float(alpha_tensor.float().item()) if alpha_tensor is not None else None
     tensors = {s: parts[s] for s in algo_keys}
-    if alpha is None and is_dotted(module):
-        alpha = peft_alphas.alpha_for(module, algo.scale_rank(tensors))
-    return ModuleEntry(module, algo.NAME, tensors, alpha, parts.get("dora_scale"))
+    dora_scale = parts.get("dora_scale")
+    if is_dotted(module):
+        if alpha is None:
+            alpha = peft_alphas.alpha_for(module, algo.scale_rank(tensors))
+        if dora_scale is not None:
+            # PEFT's lora_magnitude_vector is always per output channel: (out,) for Linear but
+            # (1, out, 1, 1) for Conv2d, which would read as LyCORIS's input-axis (1, in, 1, 1).
+            dora_scale = dora_scale.reshape(-1)
+    return ModuleEntry(module, algo.NAME, tensors, alpha, dora_scale)
 
 
 def _check_finite(source: str, tensors: Mapping[str, Tensor]) -> None:
@@ -141,6 +148,14 @@ class _PeftAlphas:
         pattern = self.config.get(f"{component}.alpha_pattern") or {}
         for key, value in dict(pattern).items():
             if re.match(rf"(.*\.)?({key})$", path):
-                return float(value)
+                return self._stored(component, value, rank)
         alpha = self.config.get(f"{component}.lora_alpha")
-        return float(alpha) if alpha is not None else None
+        return self._stored(component, alpha, rank)
+
+    def _stored(self, component: str, alpha: object, rank: int | None) -> float | None:
+        """The kohya-style stored alpha (scale = stored / r) for a PEFT alpha; rsLoRA scales by alpha / sqrt(r)."""
+        if alpha is None:
+            return None
+        if self.config.get(f"{component}.use_rslora") and rank:
+            return float(alpha) * math.sqrt(rank)
+        return float(alpha)
