@@ -27,8 +27,16 @@ class BaseModelInfo:
 
 
 def base_model_version(info: BaseModelInfo) -> str:
+    """sd-scripts `get_model_version_str_for_sd1_sd2`: `_v` is appended for v-prediction on SD1 and SD2 alike."""
     version = _BASE_VERSION[info.family]
-    return version + "_v" if info.v_prediction and info.family == "sd2" else version
+    return version + "_v" if info.v_prediction and info.family != "sdxl" else version
+
+
+def default_resolution(info: BaseModelInfo) -> str:
+    """sd-scripts `sai_model_spec`: 1024 for SDXL, 768 for SD2 with v-prediction, else 512."""
+    if info.family == "sd2" and info.v_prediction:
+        return "768x768"
+    return _DEFAULT_RESOLUTION[info.family]
 
 
 def architecture(info: BaseModelInfo) -> str:
@@ -78,7 +86,7 @@ def build_metadata(
         "modelspec.architecture": architecture(base),
         "modelspec.implementation": _SGM_IMPLEMENTATION if base.family == "sdxl" else "diffusers",
         "modelspec.title": title,
-        "modelspec.resolution": base.resolution or _DEFAULT_RESOLUTION[base.family],
+        "modelspec.resolution": base.resolution or default_resolution(base),
         "modelspec.date": datetime.now().replace(microsecond=0).isoformat(),
         "modelspec.prediction_type": "v" if base.v_prediction else "epsilon",
     }
