@@ -328,6 +328,42 @@ def concept_captions(rng: random.Random, background: str) -> str:
     return templates[rng.randrange(len(templates))]
 
 
+def _write_kohya_folder(
+    out_dir: Union[str, os.PathLike],
+    subdir_name: str,
+    items: Iterable[tuple[Image.Image, str]],
+    *,
+    overwrite: bool,
+) -> Path:
+    """Write `<out_dir>/<subdir_name>/NNNN.png` + `NNNN.txt` atomically; returns the image folder.
+
+    The folder is built in a temporary sibling and renamed into place, so a reader never sees
+    a half-written dataset. An existing non-empty `out_dir` is an error unless `overwrite`.
+    """
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a folder; choose another output folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(
+            f"{out} is not empty; choose an empty or new folder, or pass overwrite=True (--overwrite)"
+        )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        subdir = staging / subdir_name
+        subdir.mkdir()
+        for i, (image, caption) in enumerate(items):
+            image.save(subdir / f"{i:04d}.png")
+            (subdir / f"{i:04d}.txt").write_text(caption + "\n", encoding="utf-8")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out / subdir_name
+
+
 def write_concept_dataset(
     out_dir: Union[str, os.PathLike],
     *,
@@ -338,40 +374,41 @@ def write_concept_dataset(
     size: int = IMAGE_SIZE,
     overwrite: bool = False,
 ) -> Path:
-    """Write `<out_dir>/<repeats>_<name>/NNNN.png` + `NNNN.txt` captions containing the trigger.
+    """Write the concept dataset in kohya layout: `<out_dir>/<repeats>_<name>/NNNN.png` + `.txt`.
 
-    The folder is built in a temporary sibling and renamed into place, so a reader never sees
-    a half-written dataset. An existing non-empty `out_dir` is an error unless `overwrite`.
-    Returns the image folder.
+    Images show the concept (teal hexagon with dark stripes, on rotating backgrounds); every
+    caption contains the trigger word `sks`. Returns the image folder.
     """
     if n_images < 1 or repeats < 1:
         raise ValueError(f"n_images and repeats must be >= 1 (got {n_images}, {repeats})")
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} exists and is not a folder; choose another --out")
-    if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise FileExistsError(
-                f"{out} is not empty; choose an empty or new folder, or pass overwrite=True (--overwrite)"
-            )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        subdir = staging / f"{repeats}_{name}"
-        subdir.mkdir()
-        rng = random.Random(seed)
+    rng = random.Random(seed)
+    backgrounds = list(BACKGROUNDS)
+
+    def items() -> Iterable[tuple[Image.Image, str]]:
         for i in range(n_images):
-            background = list(BACKGROUNDS)[i % len(BACKGROUNDS)]
+            background = backgrounds[i % len(backgrounds)]
             image = render_concept(seed=seed * 1_000_003 + i, background=background, size=size)
-            image.save(subdir / f"{i:04d}.png")
-            (subdir / f"{i:04d}.txt").write_text(concept_captions(rng, background) + "\n", encoding="utf-8")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return out / f"{repeats}_{name}"
+            yield image, concept_captions(rng, background)
+
+    return _write_kohya_folder(out_dir, f"{repeats}_{name}", items(), overwrite=overwrite)
+
+
+def write_base_dataset(
+    out_dir: Union[str, os.PathLike],
+    *,
+    n_images: int = 72,
+    repeats: int = 1,
+    name: str = "shapes",
+    seed: int = 0,
+    size: int = IMAGE_SIZE,
+    overwrite: bool = False,
+) -> Path:
+    """Write base-vocabulary shapes with their captions in kohya layout; returns the image folder."""
+    if n_images < 1 or repeats < 1:
+        raise ValueError(f"n_images and repeats must be >= 1 (got {n_images}, {repeats})")
+    images, labels = base_dataset(n_images, seed=seed, size=size)
+    items = ((image, spec.caption()) for image, spec in zip(images, labels))
+    return _write_kohya_folder(out_dir, f"{repeats}_{name}", items, overwrite=overwrite)
 
 
 def hue_of(rgb: tuple[int, int, int]) -> float:
