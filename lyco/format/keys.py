@@ -23,8 +23,11 @@ _DOTTED_SUFFIXES: tuple[tuple[str, str], ...] = (
     (".lora_magnitude_vector", "dora_scale"),
     (".alpha", "alpha"),
 )
-# Old diffusers attention-processor LoRA: `...attn1.processor.to_q_lora.down.weight`.
-_PROCESSOR = re.compile(r"\.processor\.(to_q|to_k|to_v|to_out)_lora$")
+# Old diffusers attention-processor LoRA: `unet...attn1.processor.to_q_lora.down.weight` (UNet) and
+# `text_encoder...self_attn.to_q_lora.down.weight` (text encoder, diffusers' DIFFUSERS_OLD form).
+_OLD_ATTENTION = re.compile(r"^(?P<module>.+?)\.(?P<processor>processor\.)?(?P<proj>to_q|to_k|to_v|to_out)_lora\.(?P<half>down|up)\.weight$")
+_OLD_UNET_TARGETS = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"}
+_OLD_TEXT_TARGETS = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
 DOTTED_PARTS = ("unet.", "text_encoder.", "text_encoder_2.", "transformer.")
 
 
@@ -35,10 +38,12 @@ def is_dotted(key: str) -> bool:
 def split_key(key: str) -> tuple[str, str] | None:
     """(module key, normalised suffix), or None when the key has no recognisable suffix."""
     if is_dotted(key):
+        old = _OLD_ATTENTION.match(key)
+        if old:
+            return _old_attention_module(old), f"lora_{old['half']}.weight"
         for ending, suffix in _DOTTED_SUFFIXES:
             if key.endswith(ending):
-                module = key[: -len(ending)]
-                return _processor_module(module), suffix
+                return key[: -len(ending)], suffix
         return None
     module, dot, suffix = key.partition(".")
     if not dot or not suffix:
@@ -46,9 +51,6 @@ def split_key(key: str) -> tuple[str, str] | None:
     return module, suffix
 
 
-def _processor_module(module: str) -> str:
-    match = _PROCESSOR.search(module)
-    if not match:
-        return module
-    target = "to_out.0" if match.group(1) == "to_out" else match.group(1)
-    return module[: match.start()] + "." + target
+def _old_attention_module(match: re.Match[str]) -> str:
+    targets = _OLD_UNET_TARGETS if match["processor"] or match["module"].startswith("unet.") else _OLD_TEXT_TARGETS
+    return f"{match['module']}.{targets[match['proj']]}"
