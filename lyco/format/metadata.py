@@ -70,7 +70,9 @@ def build_metadata(
 ) -> dict[str, str]:
     """String metadata for a network; `extra` (e.g. the trainer's ss_* keys) is added with str()/json."""
     base = base or BaseModelInfo(family=network.family)
-    ranks = Counter(layer.rank or 0 for layer in network.layers.values())
+    ranks = Counter(layer.rank for layer in network.layers.values() if layer.rank is not None)
+    if not ranks:  # only LoKr modules with two full factors (no rank): LyCORIS writes the configured dim
+        ranks = Counter([network.config.rank if network.config else int(float(next(iter(network.layers.values())).alpha))])
     alphas = Counter(float(layer.alpha) for layer in network.layers.values())
     module = network_module_name(network)
     args = network_args(network)
