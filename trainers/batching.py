@@ -161,5 +161,7 @@ class _EpochView(TorchDataset):
 
 def epoch_loader(source: BatchSource, epoch: int, batches: list[list[int]], *, start: int, num_workers: int) -> DataLoader:
     """Batches `start..` of an epoch, in order (the order itself was shuffled by `epoch_batches`)."""
+    # Its own generator: creating the iterator must not draw from the global RNG (which adapter dropout
+    # uses and a resumed run restores), or resumed runs would diverge.
     return DataLoader(_EpochView(source, epoch, batches, start), batch_size=None, shuffle=False, num_workers=num_workers,
-                      persistent_workers=False)
+                      persistent_workers=False, generator=torch.Generator().manual_seed(epoch))

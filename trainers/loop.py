@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from .batching import encode_latents, epoch_loader
@@ -127,6 +128,7 @@ class Trainer:
         self.config = config
         self.accelerator = make_accelerator(config)
         self.main = self.accelerator.is_main_process
+        set_seed(config.training.seed)  # adapter initialisation; data and noise have their own seeded generators
         _prepare_dataset_folder(config, self.accelerator)
         self.run = build_run(config, self.accelerator)
         self.position = LoopPosition()
