@@ -145,7 +145,9 @@ def _bake(args: argparse.Namespace, adapters: list[tuple[str, Any]]) -> int:
 
     if not args.base:
         raise ValueError("--mode bake needs --base MODEL")
-    pipe, info = _load(args.base, device=args.device, config_dir=args.config_dir)
+    dtype = resolve_dtype(args.precision)
+    # each layer is baked in float32 and cast once; loading at the save precision halves the memory
+    pipe, info = _load(args.base, device=args.device, config_dir=args.config_dir, dtype=dtype or torch.float32)
     family = args.family or info.family
     parts = pipeline_parts(pipe)
     report = bake_adapters(parts, adapters, family=family, block_weights=args.block_weights, strict=not args.non_strict,
@@ -158,7 +160,6 @@ def _bake(args: argparse.Namespace, adapters: list[tuple[str, Any]]) -> int:
         "strengths": [s if isinstance(s, float) else dict(s) for _, s in adapters], "block_weights": args.block_weights,
         "layers_changed": report.layers_changed,
     }
-    dtype = resolve_dtype(args.precision)
     if args.output.endswith(".safetensors"):
         save_single_file(pipe, args.output, family=family, dtype=dtype, record=record, overwrite=args.overwrite,
                          prediction_type=info.prediction_type)

@@ -193,8 +193,8 @@ def merge_adapters(
     for group in progress(groups, total=len(groups), desc=f"merge ({mode})", enabled=show_progress):
         shape, weight = _shape_and_weight(group, base, table, family)
         if mode == "concat":
-            written, merged_rank, fro = _concat(group, shape), None, 1.0
-            merged_rank = written["lora_down.weight"].shape[0]
+            written = _concat(group, shape)
+            merged_rank, fro = written["lora_down.weight"].shape[0], 1.0
         else:
             low = _svd_merge(group, shape, weight, conv_rule if is_spatial(shape) else rule, device)
             written, merged_rank, fro = lora_tensors(low, shape), low.rank, low.fro_retained

@@ -19,13 +19,13 @@ import torch
 from torch import Tensor
 
 from .. import naming
+from ..algos import get_algorithm
 from ..format.adapter_file import AdapterFile, ModuleEntry, load_adapter_file
 from ..format.container import AdapterFileError
 from ._common import (
     SAVE_DTYPES, cast_tensors, infer_weight_shape, is_spatial, lora_factors, lora_network_metadata, progress,
     record_history, resolve_dtype, spec_for_shape, write_adapter,
 )
-from ..algos import get_algorithm
 from .svd import DYNAMIC_METHODS, LowRank, RankRule, as_matrix, factored_svd, lora_tensors, truncated_svd
 
 
