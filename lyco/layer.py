@@ -51,7 +51,7 @@ class LycoLayer(nn.Module):
             raise ValueError(f"{name or 'adapter'}: path must be one of {PATHS}, got {path!r}")
         self.base = base
         self.name = name
-        self.algo: ModuleType = get_algorithm(algo)
+        self.algo_name = get_algorithm(algo).NAME
         self.spec = LayerSpec.from_module(self.innermost)
         self.param_keys = tuple(tensors)
         self.adapter = nn.ParameterDict(
@@ -115,14 +115,16 @@ class LycoLayer(nn.Module):
         return cls(base, algo=algorithm.NAME, tensors=tensors, alpha=alpha, dora_scale=dora_scale, **layer_kwargs)
 
     def _check_shapes(self) -> None:
-        with torch.device("meta"):
-            meta = {k: torch.empty(p.shape) for k, p in self.tensors().items()}
-            try:
-                shape = tuple(self.algo.delta_weight(meta, self.spec).shape)
-            except RuntimeError as err:
-                raise ValueError(f"{self.name}: {self.algo.NAME} tensors {self._shapes()} do not fit a layer of weight shape {self.spec.weight_shape}: {err}") from None
-        if shape != self.spec.weight_shape:
-            raise ValueError(f"{self.name}: {self.algo.NAME} tensors {self._shapes()} give ΔW {shape}, but the layer weight is {self.spec.weight_shape}")
+        shapes = self._shapes()
+        try:
+            expected = self.algo.expected_shapes(self.tensors(), self.spec)
+        except (KeyError, IndexError) as err:
+            raise ValueError(f"{self.name}: incomplete {self.algo.NAME} tensors {shapes} ({err})") from None
+        if shapes != expected:
+            raise ValueError(
+                f"{self.name}: {self.algo.NAME} tensors {shapes} do not fit a layer of weight shape "
+                f"{self.spec.weight_shape} (expected {expected})"
+            )
 
     def _shapes(self) -> dict[str, tuple[int, ...]]:
         return {k: tuple(p.shape) for k, p in self.tensors().items()}
@@ -135,6 +137,11 @@ class LycoLayer(nn.Module):
         return (self.spec.out_features, 1, *rest) if axis == "output" else (1, self.spec.in_features, *rest)
 
     # ----- views -----------------------------------------------------------------------------------
+    @property
+    def algo(self) -> ModuleType:
+        """The algorithm's module of pure functions (looked up by name so layers stay deep-copyable)."""
+        return get_algorithm(self.algo_name)
+
     @property
     def innermost(self) -> nn.Module:
         return _innermost(self.base)

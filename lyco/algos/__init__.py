@@ -2,7 +2,8 @@
 
 Adding an algorithm = one new module + one line here (+ one row in the test matrix).
 Per-module protocol: NAME, REQUIRED_KEYS, OPTIONAL_KEYS, OPTIONS, UP_KEYS, param_shapes(spec, rank, **options),
-init_params(spec, rank, **options), scale_rank(params), delta_weight(params, spec);
+init_params(spec, rank, **options), expected_shapes(params, spec), scale_rank(params),
+delta_weight(params, spec);
 optionally bypass(x, params, spec), mask_rank(params, keep), has_complete_keys(keys).
 """
 from __future__ import annotations

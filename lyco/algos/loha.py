@@ -35,6 +35,12 @@ def param_shapes(spec: LayerSpec, rank: int, *, use_tucker: bool = False) -> dic
     }
 
 
+def expected_shapes(params: dict[str, Tensor], spec: LayerSpec) -> dict[str, tuple[int, ...]]:
+    """The exact shapes tensors of this rank must have on this layer."""
+    rank = params["hada_w1_b"].shape[0]
+    return param_shapes(spec, rank, use_tucker="hada_t1" in params)
+
+
 def init_params(spec: LayerSpec, rank: int, *, use_tucker: bool = False) -> dict[str, Tensor]:
     params = {name: torch.empty(shape) for name, shape in param_shapes(spec, rank, use_tucker=use_tucker).items()}
     torch.nn.init.normal_(params["hada_w1_a"], std=0.1)

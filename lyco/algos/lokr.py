@@ -72,6 +72,32 @@ def param_shapes(
     return shapes
 
 
+def expected_shapes(params: dict[str, Tensor], spec: LayerSpec) -> dict[str, tuple[int, ...]]:
+    """The exact shapes these tensors must have on this layer, given the split w1 implies."""
+    w1_shape = params["lokr_w1"].shape if "lokr_w1" in params else (params["lokr_w1_a"].shape[0], params["lokr_w1_b"].shape[1])
+    out_l, in_m = w1_shape
+    if out_l < 1 or in_m < 1 or spec.out_features % out_l or spec.in_features % in_m:
+        return {"lokr_w1": (-1, -1)}  # no split of this layer's dims fits w1: report the mismatch
+    out_k, in_n = spec.out_features // out_l, spec.in_features // in_m
+    shapes: dict[str, tuple[int, ...]] = {}
+    if "lokr_w1" in params:
+        shapes["lokr_w1"] = (out_l, in_m)
+    else:
+        r1 = params["lokr_w1_b"].shape[0]
+        shapes["lokr_w1_a"], shapes["lokr_w1_b"] = (out_l, r1), (r1, in_m)
+    if "lokr_w2" in params:
+        shapes["lokr_w2"] = (out_k, in_n, *spec.kernel_size) if spec.is_conv else (out_k, in_n)
+        return shapes
+    rank = params["lokr_w2_b"].shape[0]
+    if "lokr_t2" in params:
+        shapes["lokr_t2"] = (rank, rank, *spec.kernel_size)
+        shapes["lokr_w2_a"], shapes["lokr_w2_b"] = (rank, out_k), (rank, in_n)
+    else:
+        in_flat = in_n * spec.kernel_numel if spec.is_conv else in_n
+        shapes["lokr_w2_a"], shapes["lokr_w2_b"] = (out_k, rank), (rank, in_flat)
+    return shapes
+
+
 def init_params(spec: LayerSpec, rank: int, **options) -> dict[str, Tensor]:
     params = {name: torch.empty(shape) for name, shape in param_shapes(spec, rank, **options).items()}
     for name, tensor in params.items():

@@ -32,6 +32,12 @@ def param_shapes(spec: LayerSpec, rank: int, *, use_tucker: bool = False) -> dic
     return {"lora_down.weight": (rank, in_f, *spec.kernel_size), "lora_up.weight": (out_f, rank, 1, 1)}
 
 
+def expected_shapes(params: dict[str, Tensor], spec: LayerSpec) -> dict[str, tuple[int, ...]]:
+    """The exact shapes tensors of this rank must have on this layer."""
+    rank = params["lora_down.weight"].shape[0]
+    return param_shapes(spec, rank, use_tucker="lora_mid.weight" in params)
+
+
 def init_params(spec: LayerSpec, rank: int, *, use_tucker: bool = False) -> dict[str, Tensor]:
     params = {name: torch.empty(shape) for name, shape in param_shapes(spec, rank, use_tucker=use_tucker).items()}
     torch.nn.init.kaiming_uniform_(params["lora_down.weight"], a=math.sqrt(5))
