@@ -10,7 +10,7 @@ from lyco import LycoNetwork, NetworkConfig, load_network, save_network
 from lyco.format import load_adapter_file, parse_adapter
 from lyco.format.hashes import file_model_hash
 from lyco.tools._common import write_adapter
-from lyco.tools.resize import main, resize_adapter
+from lyco.tools.resize import main, model_layer_shapes, resize_adapter
 from tiny_models import clone_parts, model_outputs, randomize, tiny_sd1
 
 KEY = "lora_unet_down_blocks_0_attentions_0_proj_in"
@@ -84,6 +84,23 @@ def test_dora_scale_is_kept():
     torch.testing.assert_close(result.tensors[f"{KEY}.dora_scale"], tensors[f"{KEY}.dora_scale"])
 
 
+def test_layer_shapes_are_inferred_from_tensors_and_sd_names():
+    from lyco.tools._common import infer_weight_shape
+
+    gen = torch.Generator().manual_seed(0)
+    loha = {f"{k}.{s}": torch.randn(*shape, generator=gen) for k, shape_map in {
+        "lora_unet_down_blocks_0_resnets_0_conv1": {"hada_w1_a": (16, 2), "hada_w1_b": (2, 72), "hada_w2_a": (16, 2), "hada_w2_b": (2, 72)},
+        "lora_unet_down_blocks_0_resnets_0_conv_shortcut": {"hada_w1_a": (16, 2), "hada_w1_b": (2, 8), "hada_w2_a": (16, 2), "hada_w2_b": (2, 8)},
+        "lora_unet_down_blocks_0_resnets_0_time_emb_proj": {"hada_w1_a": (16, 2), "hada_w1_b": (2, 72), "hada_w2_a": (16, 2), "hada_w2_b": (2, 72)},
+        "lora_unet_input_blocks_1_0_in_layers_2": {"lokr_w1": (4, 4), "lokr_w2_a": (4, 2), "lokr_w2_b": (2, 18)},
+    }.items() for s, shape in shape_map.items()}
+    modules = parse_adapter(loha).modules
+    assert infer_weight_shape(modules["lora_unet_down_blocks_0_resnets_0_conv1"]) == (16, 8, 3, 3)
+    assert infer_weight_shape(modules["lora_unet_down_blocks_0_resnets_0_conv_shortcut"]) == (16, 8, 1, 1)
+    assert infer_weight_shape(modules["lora_unet_down_blocks_0_resnets_0_time_emb_proj"]) == (16, 72)
+    assert infer_weight_shape(modules["lora_unet_input_blocks_1_0_in_layers_2"]) == (16, 8, 3, 3)
+
+
 @pytest.fixture(scope="module")
 def sd1():
     return tiny_sd1()
@@ -97,8 +114,10 @@ def test_any_algorithm_becomes_an_equivalent_lora_at_full_rank(sd1, tmp_path, al
     source = save_network(network, tmp_path / "in.safetensors")
     network.remove()
     adapter = load_adapter_file(source)
-    result = resize_adapter(adapter, rank=10_000)
+    result = resize_adapter(adapter, rank=10_000, shapes=model_layer_shapes(parts))
     target = write_adapter(tmp_path / "out.safetensors", result.tensors, result.metadata)
+    # SD1's proj_in is a 1x1 conv: the LoCon layout is 4-D whatever the source algorithm stored
+    assert result.tensors["lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight"].dim() == 4
     expected = _outputs_with(parts, source, strength=0.7)
     actual = _outputs_with(parts, target, strength=0.7)
     for name in expected:

@@ -16,12 +16,13 @@ from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .. import naming
 from ..algos import get_algorithm
 from ..format.adapter_file import AdapterFile, ModuleEntry, load_adapter_file
 from ..format.container import AdapterFileError
+from ..network import detect_family
 from ._common import (
     SAVE_DTYPES, cast_tensors, infer_weight_shape, is_spatial, lora_factors, lora_network_metadata, progress,
     record_history, resolve_dtype, spec_for_shape, write_adapter,
@@ -73,8 +74,8 @@ def resize_adapter(
 
     rank: the fixed rank, or the maximum with a dynamic `method` ("sv_ratio", "sv_fro",
     "sv_cumulative", see lyco.tools.svd) and its `param`; conv_rank: the same for k x k convs
-    (default: rank). shapes: optional {module key: layer weight shape} for files whose flattened
-    LoHa/LoKr factors do not fix the layer shape (see `infer_weight_shape`)."""
+    (default: rank). shapes: optional {module key: layer weight shape} (`model_layer_shapes(parts)`) for
+    files whose flattened LoHa/LoKr factors do not fix the layer shape (see `infer_weight_shape`)."""
     if not isinstance(adapter, AdapterFile):
         adapter = load_adapter_file(adapter)
     if rank is None and method is None:
@@ -102,6 +103,15 @@ def resize_adapter(
     previous = adapter.metadata.get("ss_training_comment", "")
     metadata["ss_training_comment"] = f"{comment}; {previous}" if previous and previous != "None" else comment
     return ResizeResult(tensors, metadata, layers)
+
+
+def model_layer_shapes(parts: Mapping[str, nn.Module], *, family: str | None = None) -> dict[str, tuple[int, ...]]:
+    """{module key (every key form a file may use): layer weight shape} of a model, for `shapes=`."""
+    table = naming.build_key_table(parts, family=family or detect_family(parts))
+    shapes: dict[str, tuple[int, ...]] = {}
+    for alias, (part, path) in table.by_key.items():
+        shapes[alias] = tuple(naming.innermost_module(parts[part].get_submodule(path)).weight.shape)
+    return shapes
 
 
 def resize_module(entry: ModuleEntry, shape: Sequence[int], rule: RankRule, *, device: str | torch.device | None = None) -> LowRank:
