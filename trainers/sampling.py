@@ -1,4 +1,4 @@
-"""Sample images during training, through the project's one generation function."""
+"""Sample images during training through `pipelines.generate.generate`, the project's one generation code path."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -6,6 +6,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from pipelines.generate import GenerationSettings, generate
 
 from .config import SamplingSection
 
@@ -51,15 +53,7 @@ def draw(pipe: Any, requests: list[SampleRequest], out_dir: Path, *, step: int) 
 
 
 def generate_one(pipe: Any, request: SampleRequest):
-    """One image for a request, with the adapters currently attached to `pipe`."""
-    try:
-        from pipelines.generate import generate  # the shared generation code path
-    except ImportError:
-        generate = None
-    if generate is not None:
-        return generate(pipe, prompt=request.prompt, negative_prompt=request.negative_prompt, seed=request.seed,
-                        steps=request.steps, cfg_scale=request.cfg_scale, width=request.width, height=request.height)[0]
-    generator = torch.Generator(device="cpu").manual_seed(request.seed)
-    result = pipe(prompt=request.prompt, negative_prompt=request.negative_prompt or None, num_inference_steps=request.steps,
-                  guidance_scale=request.cfg_scale, width=request.width, height=request.height, generator=generator)
-    return result.images[0]
+    """One image for a request, with the adapters currently attached to `pipe` (the training network)."""
+    settings = GenerationSettings(prompt=request.prompt, negative_prompt=request.negative_prompt, seeds=(request.seed,),
+                                  steps=request.steps, guidance_scale=request.cfg_scale, width=request.width, height=request.height)
+    return generate(pipe, settings).images[0]

@@ -61,10 +61,15 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
         precision = "no"
     trackers = list(config.logging.trackers) or None
     project = ProjectConfiguration(project_dir=str(out), logging_dir=config.logging.logging_dir or str(out / "logs"))
-    # Unused adapter parameters happen with module dropout; DDP must then not wait for their gradients.
-    ddp = DistributedDataParallelKwargs(find_unused_parameters=config.network.module_dropout > 0)
     return Accelerator(gradient_accumulation_steps=config.training.gradient_accumulation_steps, mixed_precision=precision,
-                       log_with=trackers, project_config=project, kwargs_handlers=[ddp], cpu=not torch.cuda.is_available())
+                       log_with=trackers, project_config=project, cpu=not torch.cuda.is_available())
+
+
+def unused_adapters_possible(config: TrainConfig, family: str) -> bool:
+    """Whether some adapter can get no gradient in a step (then DDP must not wait for it): module
+    dropout, or text-encoder layers after the one the conditioning is read from (clip skip, SDXL)."""
+    skips_layers = config.model.clip_skip > 1 or family == "sdxl"
+    return config.network.module_dropout > 0 or (config.network.train_text_encoder and skips_layers)
 
 
 def resolution_of(config: TrainConfig, native: int) -> tuple[int, int]:
@@ -186,6 +191,7 @@ def build_run(config: TrainConfig, accelerator: Accelerator) -> Run:
         raise ValueError("no adapter parameter trains (every learning rate is 0)")
     optimizer = build_optimizer(config.optimizer, groups)
     scheduler = build_scheduler(config.optimizer, optimizer, total_steps=total)
+    accelerator.ddp_handler = DistributedDataParallelKwargs(find_unused_parameters=unused_adapters_possible(config, model_info.family))
     trained_names = [part for part in network.config.parts if any(True for _ in network.layers_of(part)) and _group_lr(groups, part) > 0]
     prepared = accelerator.prepare(*[getattr(pipe, p) for p in trained_names], optimizer)
     trained = dict(zip(trained_names, prepared[:-1]))
