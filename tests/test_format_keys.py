@@ -43,12 +43,16 @@ def _load_one(parts, tensors, *, expect_part: str, expect_path: str):
     """Load, check the single adapter sits at parts[expect_part].<expect_path>, return (layer, network)."""
     result = load_network(parts, parse_adapter(tensors, source="case"))
     network = result.network
-    assert result.skipped_keys == [] and result.problems == []
-    assert len(network) == 1
-    (key, layer), = network.layers.items()
-    slot = network.slot(key)
-    assert (slot.part, slot.path) == (expect_part, expect_path)
-    assert parts[expect_part].get_submodule(expect_path) is layer
+    try:
+        assert result.skipped_keys == [] and result.problems == []
+        assert len(network) == 1
+        (key, layer), = network.layers.items()
+        slot = network.slot(key)
+        assert (slot.part, slot.path) == (expect_part, expect_path)
+        assert parts[expect_part].get_submodule(expect_path) is layer
+    except BaseException:
+        network.remove()  # the model fixture is shared: leave it clean for the next case
+        raise
     return layer, network
 
 
