@@ -366,6 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.unet_naming and not args.to:
+        args.to = "kohya"  # choosing UNet names means rewriting the kohya keys
     try:
         result = convert_file(
             args.source, args.destination, to=args.to, family=args.family, unet_naming=args.unet_naming,
