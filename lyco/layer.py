@@ -9,6 +9,7 @@ and unmerge restores the kept original bit-exactly.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from types import ModuleType
 from typing import Mapping
 
@@ -73,7 +74,6 @@ class LycoLayer(nn.Module):
         self.rank_dropout = rank_dropout
         self.module_dropout = module_dropout
         self.path = path
-        self._weight_before_merge: Tensor | None = None
 
     # ----- construction ---------------------------------------------------------------------------
     @classmethod
@@ -157,7 +157,13 @@ class LycoLayer(nn.Module):
 
     @property
     def merged(self) -> bool:
-        return self._weight_before_merge is not None
+        state = _merge_state(self.innermost)
+        return state is not None and any(layer is self for layer in state.merged)
+
+    def frozen_weight(self) -> Tensor:
+        """The base layer's own weight, without any adapter merged into it."""
+        state = _merge_state(self.innermost)
+        return self.innermost.weight if state is None else state.pristine
 
     def tensors(self) -> dict[str, Tensor]:
         """The algorithm's tensors by file suffix (lora_down.weight, hada_w1_a, ...)."""
@@ -184,7 +190,7 @@ class LycoLayer(nn.Module):
         delta = self.algo.delta_weight(dict(params), self.spec)
         if self.dora_scale is None:
             return delta * (self.strength * self.scale)
-        weight = self.innermost.weight.to(device=delta.device, dtype=torch.float32)
+        weight = self.frozen_weight().to(device=delta.device, dtype=torch.float32)
         decomposed = dora_weight(weight + delta.float() * self.scale, self.dora_scale, self.dora_axis)
         return ((decomposed - weight) * self.strength).to(delta.dtype)
 
@@ -246,22 +252,31 @@ class LycoLayer(nn.Module):
     # ----- merge -----------------------------------------------------------------------------------
     @torch.no_grad()
     def merge(self) -> None:
-        """Bake the contribution into the frozen weight (computed in fp32); keeps the original for unmerge."""
+        """Bake the contribution into the frozen weight. The weight's pristine copy is kept once per
+        layer, and the merged weight is always pristine + Σ merged contributions computed in fp32, so
+        merges and unmerges of stacked adapters work in any order and never drift."""
         if self.merged:
             return
-        weight = self.innermost.weight
-        delta = self.contribution(dtype=torch.float32).to(weight.device)
-        self.check_finite(delta)
-        self._weight_before_merge = weight.detach().clone()
-        weight.copy_((weight.float() + delta).to(weight.dtype))
+        base = self.innermost
+        self.check_finite(self.contribution(dtype=torch.float32))
+        state = _merge_state(base) or _MergeState(base.weight.detach().clone(), [])
+        state.merged.append(self)
+        base.__dict__[_MERGE_STATE] = state
+        _write_merged(base, state)
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Restore the exact weight kept at merge time (no subtraction, so no drift)."""
-        if self._weight_before_merge is None:
+        """Take this adapter out of the weight; the last unmerge restores the pristine copy bit-exactly."""
+        if not self.merged:
             return
-        self.innermost.weight.copy_(self._weight_before_merge)
-        self._weight_before_merge = None
+        base = self.innermost
+        state = _merge_state(base)
+        state.merged = [layer for layer in state.merged if layer is not self]
+        if state.merged:
+            _write_merged(base, state)
+        else:
+            base.weight.copy_(state.pristine)
+            del base.__dict__[_MERGE_STATE]
 
     def check_finite(self, delta: Tensor | None = None) -> None:
         tensors = {"ΔW": delta} if delta is not None else dict(self.tensors())
@@ -271,6 +286,28 @@ class LycoLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, algo={self.algo.NAME}, rank={self.rank}, alpha={float(self.alpha):g}, strength={self.strength:g}, dora={self.dora_axis}"
+
+
+_MERGE_STATE = "_lyco_merge_state"
+
+
+@dataclass
+class _MergeState:
+    """Kept on a frozen layer while adapters are merged into it."""
+
+    pristine: Tensor
+    merged: list["LycoLayer"]
+
+
+def _merge_state(module: nn.Module) -> _MergeState | None:
+    return module.__dict__.get(_MERGE_STATE)
+
+
+def _write_merged(base: nn.Module, state: _MergeState) -> None:
+    total = state.pristine.float()
+    for layer in state.merged:
+        total = total + layer.contribution(dtype=torch.float32).to(total.device)
+    base.weight.copy_(total.to(base.weight.dtype))
 
 
 def _innermost(module: nn.Module) -> nn.Module:

@@ -498,3 +498,27 @@ def test_grouped_conv_and_unsupported_modules_are_rejected() -> None:
         LycoLayer.create(nn.Conv2d(64, 96, 3, groups=2))
     with pytest.raises(TypeError):
         LycoLayer.create(nn.LayerNorm(64))
+
+
+def test_stacked_merges_unmerge_in_any_order_bit_exactly():
+    torch.manual_seed(7)
+    base = nn.Linear(64, 96).requires_grad_(False)
+    original = base.weight.detach().clone()
+    inner = LycoLayer.create(base, algo="lora", rank=4, alpha=3, strength=0.7)
+    outer = LycoLayer.create(inner, algo="loha", rank=4, alpha=2, dora=True, dora_axis="output", strength=0.6)
+    for layer in (inner, outer):
+        with torch.no_grad():
+            for p in layer.adapter.values():
+                p.normal_(0, 0.2)
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        unfused = outer(x)
+        inner.merge()
+        torch.testing.assert_close(outer(x), unfused, rtol=1e-5, atol=1e-5)
+        outer.merge()
+        torch.testing.assert_close(outer(x), unfused, rtol=1e-5, atol=1e-5)
+        inner.unmerge()  # not LIFO
+        torch.testing.assert_close(outer(x), unfused, rtol=1e-5, atol=1e-5)
+        outer.unmerge()
+    assert torch.equal(base.weight, original)
+    assert not inner.merged and not outer.merged
