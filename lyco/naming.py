@@ -388,8 +388,11 @@ def key_aliases(part: str, path: str, *, family: str, layout: UNetLayout | None 
         candidates += [module_key(UNET_PREFIX, sgm)] if sgm is not None else []
         candidates.append(module_key(LYCORIS_PREFIX, path))
     else:
-        canonical = canonical_text_encoder_path(path)
-        candidates = [written] + [module_key(p, canonical) for p in _reader_text_encoder_prefixes(part)]
+        # Writers that derive names from transformers-5 CLIPTextModel (diffusers' convert_state_dict_to_kohya,
+        # LyCORIS's kohya network) drop the `text_model_` part: accept both forms.
+        stripped = canonical_text_encoder_path(path).removeprefix("text_model.")
+        forms = (canonical_text_encoder_path(path), stripped)
+        candidates = [written] + [module_key(p, form) for p in _reader_text_encoder_prefixes(part) for form in forms]
     return tuple(dict.fromkeys(candidates))
 
 

@@ -283,7 +283,9 @@ def test_transformers5_clip_paths_get_text_model_keys():
         "text_model.encoder.layers.0.mlp.fc2",
     )
     assert table.lookup("lora_te2_text_projection") == ("text_encoder_2", "text_projection")
-    assert not any(key.startswith(("lora_te_encoder", "lora_te1_encoder")) for key in table.by_key)
+    # transformers-5-derived keys without `text_model_` (diffusers' kohya conversion writes them) are read too
+    assert table.lookup(f"lora_te_encoder_layers_0_self_attn_q_proj") == ("text_encoder", "encoder.layers.0.self_attn.q_proj")
+    assert table.written[("text_encoder", "encoder.layers.0.self_attn.q_proj")] == f"lora_te_{q_proj}"
 
     for with_projection in (False, True):
         model = meta_text_encoder({**CLIP_L_TEXT, "num_hidden_layers": 1}, with_projection=with_projection)
@@ -339,13 +341,20 @@ def test_key_aliases(parts_by_family):
     fc1 = "encoder.layers.3.mlp.fc1"
     assert key_aliases("text_encoder", fc1, family="sd2") == (
         "lora_te_text_model_encoder_layers_3_mlp_fc1",
+        "lora_te_encoder_layers_3_mlp_fc1",
         "lora_te1_text_model_encoder_layers_3_mlp_fc1",
+        "lora_te1_encoder_layers_3_mlp_fc1",
     )
     assert key_aliases("text_encoder", fc1, family="sdxl") == (
         "lora_te1_text_model_encoder_layers_3_mlp_fc1",
         "lora_te_text_model_encoder_layers_3_mlp_fc1",
+        "lora_te_encoder_layers_3_mlp_fc1",
+        "lora_te1_encoder_layers_3_mlp_fc1",
     )
-    assert key_aliases("text_encoder_2", fc1, family="sdxl") == ("lora_te2_text_model_encoder_layers_3_mlp_fc1",)
+    assert key_aliases("text_encoder_2", fc1, family="sdxl") == (
+        "lora_te2_text_model_encoder_layers_3_mlp_fc1",
+        "lora_te2_encoder_layers_3_mlp_fc1",
+    )
 
 
 def test_tables_resolve_every_reader_form(tables):
