@@ -216,8 +216,8 @@ def _enable_checkpointing(pipe: Any, config: TrainConfig) -> None:
     if config.network.train_text_encoder:
         for name in ("text_encoder", "text_encoder_2"):
             encoder = getattr(pipe, name, None)
-            if encoder is not None:
-                encoder.gradient_checkpointing_enable()
+            if encoder is not None:  # transformers >= 5 renamed it
+                (getattr(encoder, "activation_checkpointing_enable", None) or encoder.gradient_checkpointing_enable)()
 
 
 def _latent_cache(config: TrainConfig, pipe: Any, dataset: Dataset, accelerator: Accelerator) -> tuple[LatentCache | None, LatentKeys | None]:
