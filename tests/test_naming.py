@@ -284,8 +284,8 @@ def test_transformers5_clip_paths_get_text_model_keys():
     )
     assert table.lookup("lora_te2_text_projection") == ("text_encoder_2", "text_projection")
     # transformers-5-derived keys without `text_model_` (diffusers' kohya conversion writes them) are read too
-    assert table.lookup(f"lora_te_encoder_layers_0_self_attn_q_proj") == ("text_encoder", "encoder.layers.0.self_attn.q_proj")
-    assert table.written[("text_encoder", "encoder.layers.0.self_attn.q_proj")] == f"lora_te_{q_proj}"
+    assert table.lookup("lora_te_encoder_layers_0_self_attn_q_proj") == ("text_encoder", "encoder.layers.0.self_attn.q_proj")
+    assert table.written[("text_encoder", "encoder.layers.0.self_attn.q_proj")] == f"lora_te1_{q_proj}"
 
     for with_projection in (False, True):
         model = meta_text_encoder({**CLIP_L_TEXT, "num_hidden_layers": 1}, with_projection=with_projection)
