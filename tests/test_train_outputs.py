@@ -34,6 +34,7 @@ def test_options_run_writes_everything(tmp_path, capsys):
         "logging.trackers=['tensorboard']", "optimizer.type='Adafactor'", "optimizer.loraplus_ratio=4.0",
         "training.gradient_checkpointing=true", "training.loss_type='huber'", "training.noise_offset=0.05",
         "training.min_snr_gamma=5.0", "network.algo='loha'", "network.conv_rank=2", "saving.comment='options test'",
+        "optimizer.lr_warmup_steps=2", "optimizer.lr_scheduler='linear'",
         data=data,
     )
     assert main(["--config", str(write_config(config, tmp_path / "c.toml"))]) == 0

@@ -189,10 +189,10 @@ def build_run(config: TrainConfig, accelerator: Accelerator) -> Run:
     groups = network.param_groups(**lrs, loraplus_ratio=config.optimizer.loraplus_ratio)
     if not groups:
         raise ValueError("no adapter parameter trains (every learning rate is 0)")
-    optimizer = build_optimizer(config.optimizer, groups)
-    scheduler = build_scheduler(config.optimizer, optimizer, total_steps=total)
-    accelerator.ddp_handler = DistributedDataParallelKwargs(find_unused_parameters=unused_adapters_possible(config, model_info.family))
     trained_names = [part for part in network.config.parts if any(True for _ in network.layers_of(part)) and _group_lr(groups, part) > 0]
+    optimizer = build_optimizer(config.optimizer, groups)
+    scheduler = build_scheduler(config.optimizer, optimizer, total_steps=total)  # (warmup sets the groups' lr to 0)
+    accelerator.ddp_handler = DistributedDataParallelKwargs(find_unused_parameters=unused_adapters_possible(config, model_info.family))
     prepared = accelerator.prepare(*[getattr(pipe, p) for p in trained_names], optimizer)
     trained = dict(zip(trained_names, prepared[:-1]))
     family = family_for(model_info.family, pipe, clip_skip=config.model.clip_skip)
