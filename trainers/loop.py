@@ -93,8 +93,8 @@ def compute_loss(run: Run, batch: dict[str, Any], *, grad: bool = True) -> tuple
     noise = seeded_noise(latents.shape, seeds, offset=cfg.noise_offset).to(device)
     timesteps = seeded_timesteps(seeds, low=cfg.min_timestep, high=cfg.max_timestep or len(run.alphas_cumprod)).to(device)
     noisy = add_noise(latents, noise, timesteps, run.alphas_cumprod)
-    cond = conditioning(run, batch["captions"], grad=grad)
     with run.accelerator.autocast():
+        cond = conditioning(run, batch["captions"], grad=grad)
         prediction = run.unet(noisy.to(run.weight_dtype), timesteps, **run.family.unet_kwargs(cond, batch, run.weight_dtype), return_dict=False)[0]
     target = prediction_target(latents, noise, timesteps, run.alphas_cumprod, run.prediction_type)
     losses = per_sample_loss(prediction, target, loss_type=cfg.loss_type, huber_c=cfg.huber_c)
