@@ -511,6 +511,7 @@ def parent_main(args: argparse.Namespace) -> int:
     print(f"# UNet weights: {prep['path']} ({prep['bytes'] / common.GIB:.2f} GiB), {prep['wall_s']:.0f} s", flush=True)
 
     runs: dict[str, list[dict[str, Any]]] = {c["name"]: [] for c in configs}
+    partial_path = HERE / "results" / f"core_{common.today()}{'_quick' if args.quick else ''}.partial.json"
     failures: dict[str, str] = {}
     schedule = common.interleaved_schedule(configs, args.rounds)
     for i, (rnd, config) in enumerate(schedule, 1):
@@ -536,6 +537,15 @@ def parent_main(args: argparse.Namespace) -> int:
             continue
         r["round"] = rnd
         runs[config["name"]].append(r)
+        # Keep what is done so far: `--render` turns a partial file into tables if the run is cut short.
+        common.write_json(
+            partial_path,
+            {
+                "benchmark": "core", "run_id": run_id, "date": common.today(), "quick": args.quick, "partial": True,
+                "settings": {"warmup": args.warmup, "steps_per_round": steps_per_round, "rounds": args.rounds, "threads": args.threads or os.cpu_count()},
+                "machine": info, "failures": failures, "raw": {k: v for k, v in runs.items() if v},
+            },
+        )
         s = common.summarize(r["step_s"])
         print(
             f"[{i}/{len(schedule)}] r{rnd} {config['name']:<28} step {s['median']:6.2f} s (min {s['min']:.2f}, max {s['max']:.2f}) "
@@ -544,7 +554,9 @@ def parent_main(args: argparse.Namespace) -> int:
             flush=True,
         )
 
-    return finish(args, runs, failures, info, run_id, t_start)
+    code = finish(args, {k: v for k, v in runs.items() if v}, failures, info, run_id, t_start)
+    partial_path.unlink(missing_ok=True)
+    return code
 
 
 def finish(
@@ -667,7 +679,8 @@ def main(argv: list[str] | None = None) -> int:
         args.steps = saved["settings"]["steps_per_round"] * saved["settings"]["rounds"]
         args.threads = saved["settings"]["threads"]
         args.quick = saved.get("quick", False)
-        return finish(args, saved["raw"], saved.get("failures", {}), saved["machine"], saved["run_id"], 0.0, Path(args.render), saved)
+        out_path = Path(args.out) if args.out else Path(str(args.render).replace(".partial.json", ".json"))
+        return finish(args, saved["raw"], saved.get("failures", {}), saved["machine"], saved["run_id"], 0.0, out_path, saved)
     return parent_main(args)
 
 
