@@ -60,7 +60,7 @@ def _token_ids(pad_token: str) -> dict[str, int]:
 
 def vae_config(family: str) -> dict[str, Any]:
     """SD's VAE layout (4 levels, 8x downsampling); narrower for the random-weight models."""
-    channels = (16, 32, 64, 64) if family == "tiny-sd" else (8, 16, 16, 16)
+    channels = (8, 16, 32, 64) if family == "tiny-sd" else (8, 16, 16, 16)
     return dict(
         in_channels=3,
         out_channels=3,
@@ -69,7 +69,8 @@ def vae_config(family: str) -> dict[str, Any]:
         block_out_channels=channels,
         layers_per_block=1,
         latent_channels=4,
-        norm_num_groups=channels[0],
+        # 2 groups: with one channel per group, GroupNorm erases the colour of flat regions.
+        norm_num_groups=2 if family == "tiny-sd" else channels[0],
         sample_size=IMAGE_SIZE,
         scaling_factor=1.0,
         force_upcast=False,
@@ -113,7 +114,7 @@ def unet_config(family: str) -> dict[str, Any]:
             up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
             block_out_channels=(32, 64, 64, 64), layers_per_block=2,
             # As in SD1's config, attention_head_dim is (historically) the number of heads.
-            attention_head_dim=4, cross_attention_dim=64, norm_num_groups=16,
+            attention_head_dim=4, cross_attention_dim=64, norm_num_groups=8,
             use_linear_projection=False,
         )
     if family == "tiny-sd2":
