@@ -20,7 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      epilog="Every key is documented in docs/config-reference.md.")
     parser.add_argument("--config", required=True, help="the TOML config file")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override a config value (TOML syntax: 10, 1e-4, true, \"text\", [1, 2]); repeatable")
+                        help="override a config value (TOML syntax: 10, 1e-4, true, \"text\", [1, 2]; a bare word is a string); repeatable")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as TOML and exit")
     parser.add_argument("--resume", nargs="?", const=True, default=None, metavar="STATE_DIR",
                         help="continue from STATE_DIR, or without a value from the newest state in <output_dir>/state")
