@@ -10,6 +10,7 @@ the tools run in queued events with concurrency limits, so a long job never bloc
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # a local tool: no usage reporting
     settings = Settings(host=args.host, port=args.port, auth=args.auth, workdir=args.workdir, adapter_dir=args.adapter_dir,
                         data_dir=args.data_dir, model_dirs=tuple(args.model_dir), stop_grace_s=args.stop_grace)
     app = build_app(settings)

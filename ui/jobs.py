@@ -205,6 +205,9 @@ class TrainingJob:
                     text = f"stopped at step {end.get('step')}: resumable state {end.get('state')}, adapter {end.get('adapter')}"
                 elif self._killed:
                     text = f"stopped: killed after {self.grace_s:.0f} s without exiting (no state written)"
+                elif progress.step:
+                    text = (f"stopped after step {progress.step} (exit {describe_exit(code)}) outside a training step, "
+                            "before the trainer saved a state; nothing to resume")
                 else:
                     text = f"stopped before the first step (exit {describe_exit(code)}); nothing to resume"
                 return JobStatus("stopped", False, message=text, **common)
