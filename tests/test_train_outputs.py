@@ -77,3 +77,10 @@ def test_existing_output_is_refused_before_loading(tmp_path, capsys):
     (tmp_path / "out" / "t.safetensors").write_bytes(b"")
     assert main(["--config", str(write_config(config, tmp_path / "c.toml"))]) == 2
     assert "saving.output_name" in capsys.readouterr().err
+
+
+def test_resume_without_a_state_is_refused(tmp_path, capsys):
+    path = write_config(tiny_config(tmp_path), tmp_path / "c.toml")
+    assert main(["--config", str(path), "--resume"]) == 2
+    assert main(["--config", str(path), "--resume", str(tmp_path)]) == 2
+    assert "not a complete lyco-train state folder" in capsys.readouterr().err

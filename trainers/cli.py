@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from .config_io import ConfigError, dump_toml, load_config
@@ -48,6 +49,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.resume is True and latest_state(config.saving.output_dir) is None:
         print(f"lyco-train: --resume: no saved state under {config.saving.output_dir}/state", file=sys.stderr)
+        return 2
+    if isinstance(args.resume, str) and not (Path(args.resume) / "lyco_state.json").is_file():
+        print(f"lyco-train: --resume {args.resume}: not a complete lyco-train state folder (no lyco_state.json)", file=sys.stderr)
         return 2
     from .loop import TrainingInterrupted, train
 
