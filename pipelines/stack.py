@@ -456,11 +456,13 @@ def summed_weight(top: nn.Module) -> Tensor:
     """``W + sum(active contributions)`` of a wrapper chain, summed in fp32 and cast once to W's dtype."""
     weight = naming.innermost_module(top).weight
     total = weight.to(dtype=torch.float32, copy=True)
-    for layer in _chain(top):
-        if layer.enabled and not layer.merged and layer.strength != 0.0:
-            delta = layer.contribution(dtype=torch.float32).to(weight.device)
-            layer.check_finite(delta)
-            total += delta
+    active = [layer for layer in _chain(top) if layer.enabled and layer.strength != 0.0 and not layer.merged]
+    for layer in active:
+        total += layer.contribution(dtype=torch.float32).to(weight.device)
+    if active and not torch.isfinite(total).all():
+        for layer in active:  # name the culprit
+            layer.check_finite(layer.contribution(dtype=torch.float32))
+        raise FloatingPointError(f"adapters {[layer.name for layer in active]}: the summed weight overflows float32")
     return total.to(weight.dtype)
 
 
