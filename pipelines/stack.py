@@ -124,6 +124,7 @@ class AdapterStack:
         self._originals: dict[Slot, Tensor] = {}
         self._swapped: dict[Slot, nn.Module] = {}
         self._collapsed: dict[Slot, LycoLayer] = {}
+        self._collapsed_cache: dict[Slot, CollapsedLayer] = {}
         self.collapse = collapse
 
     # ----- adding and removing ----------------------------------------------------------------------
@@ -178,7 +179,9 @@ class AdapterStack:
         except ValueError as err:
             raise AdapterStackError(f"adapter {name!r}: {err}") from err
         for key, layer in result.network.layers.items():
-            layer.to(layer.innermost.weight.device)
+            device = layer.innermost.weight.device
+            if any(p.device != device for p in layer.adapter.values()):
+                layer.to(device)
             layer.train(self.parts[result.network.slot(key).part].training)  # new modules default to training mode
         return self._entry(name, result.network, source.source, short, skipped=tuple(result.skipped_keys))
 
@@ -334,6 +337,7 @@ class AdapterStack:
         if self.fused:
             return
         self._uncollapse()
+        self._collapsed_cache.clear()
         slots = self._slots_of(self._entries.values())
         for slot in slots:
             top = _get(self.parts[slot[0]], slot[1])
@@ -371,21 +375,33 @@ class AdapterStack:
     def inference(self) -> Iterator["AdapterStack"]:
         """Inside the block, an unfused stack runs each adapted layer as ONE op with a cached
         ``W + sum(contributions)`` (fp32 sum, one cast: the fused numbers) instead of running every
-        adapter beside it. The cache is rebuilt on the next forward after any strength, enable or
-        adapter-parameter change, the base weights are never written, and it costs one weight copy per
-        adapted layer while the block lasts. Nothing happens when fused or with `collapse=False`."""
+        adapter beside it. A layer's cache is rebuilt on its next forward after any strength, enable or
+        adapter-parameter change; the base weights are never written. The caches (one weight copy per
+        adapted layer) are kept between blocks so that repeated generations do not rebuild them;
+        `drop_inference_cache()` frees them. Nothing happens when fused or with `collapse=False`."""
         if self.fused or not self.collapse or self._collapsed:
             yield self
             return
-        for slot in self._slots_of(self._entries.values()):
-            top = _get(self.parts[slot[0]], slot[1])
-            if isinstance(top, LycoLayer):
-                self._collapsed[slot] = top
-                _set(self.parts[slot[0]], slot[1], CollapsedLayer(top))
+        self._collapse()
         try:
             yield self
         finally:
             self._uncollapse()
+
+    def drop_inference_cache(self) -> None:
+        """Free the summed weights kept for collapsed inference (they are rebuilt when needed)."""
+        self._collapsed_cache.clear()
+
+    def _collapse(self) -> None:
+        for slot in self._slots_of(self._entries.values()):
+            top = _get(self.parts[slot[0]], slot[1])
+            if not isinstance(top, LycoLayer):
+                continue
+            cached = self._collapsed_cache.get(slot)
+            if cached is None or cached.chain is not top:
+                cached = self._collapsed_cache[slot] = CollapsedLayer(top)
+            self._collapsed[slot] = top
+            _set(self.parts[slot[0]], slot[1], cached)
 
     def _uncollapse(self) -> None:
         for slot, top in self._collapsed.items():
@@ -407,15 +423,12 @@ class AdapterStack:
         if was_fused:
             self.unfuse()
         self._uncollapse()
+        self._collapsed_cache.clear()
         try:
             yield
         finally:
             if was_collapsed:
-                for slot in self._slots_of(self._entries.values()):
-                    top = _get(self.parts[slot[0]], slot[1])
-                    if isinstance(top, LycoLayer):
-                        self._collapsed[slot] = top
-                        _set(self.parts[slot[0]], slot[1], CollapsedLayer(top))
+                self._collapse()
             if was_fused:
                 self.fuse()
 

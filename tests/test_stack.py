@@ -295,3 +295,21 @@ def test_img2img_and_inpaint_pipelines_share_the_stack(pipe, files):
         stack.add("lokr", files["lokr"], strength=0.5)
         assert any(info.name == "lokr" for info in stack.list())
         stack.clear()
+
+
+def test_collapsed_layers_are_kept_between_blocks_and_rebuilt_after_structure_changes(pipe, files, stack):
+    stack.add("lora", files["lora"], strength=0.5)
+    with stack.inference():
+        first = pipe.unet.down_blocks[0].attentions[0].proj_in
+        assert isinstance(first, CollapsedLayer)
+        outputs(pipe)
+    assert not isinstance(pipe.unet.down_blocks[0].attentions[0].proj_in, CollapsedLayer)
+    with stack.inference():
+        assert pipe.unet.down_blocks[0].attentions[0].proj_in is first  # its summed weight is reused
+    stack.add("lokr", files["lokr"], strength=0.5)
+    with stack.inference():
+        assert pipe.unet.down_blocks[0].attentions[0].proj_in is not first
+    stack.drop_inference_cache()
+    stack.fuse()
+    with stack.inference():  # fused: nothing to collapse
+        assert not any(isinstance(m, CollapsedLayer) for m in pipe.unet.modules())
