@@ -199,16 +199,18 @@ class LycoLayer(nn.Module):
         inner = self.base.effective_weight(dtype=dtype) if isinstance(self.base, LycoLayer) else self.base.weight
         if dtype is not None:
             inner = inner.to(dtype)
-        if not self._active():
+        if not self.active:
             return inner
         return inner + self.contribution(dtype=inner.dtype).to(inner.dtype)
 
     # ----- forward ---------------------------------------------------------------------------------
-    def _active(self) -> bool:
+    @property
+    def active(self) -> bool:
+        """Whether this adapter currently adds anything in forward (enabled, unmerged, strength != 0)."""
         return self.enabled and not self.merged and self.strength != 0.0
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
-        if not self._active() or (self.training and self.module_dropout and torch.rand(()) < self.module_dropout):
+        if not self.active or (self.training and self.module_dropout and torch.rand(()) < self.module_dropout):
             return self.base(x, *args, **kwargs)
         params = {k: p.to(dtype=x.dtype) for k, p in self.tensors().items()}
         keep = self._rank_keep_mask(x.device)

@@ -469,7 +469,7 @@ def summed_weight(top: nn.Module) -> Tensor:
     """``W + sum(active contributions)`` of a wrapper chain, summed in fp32 and cast once to W's dtype."""
     weight = naming.innermost_module(top).weight
     total = weight.to(dtype=torch.float32, copy=True)
-    active = [layer for layer in _chain(top) if layer.enabled and layer.strength != 0.0 and not layer.merged]
+    active = [layer for layer in _chain(top) if layer.active]
     for layer in active:
         total += layer.contribution(dtype=torch.float32).to(weight.device)
     if active and not torch.isfinite(total).all():
@@ -508,6 +508,10 @@ class CollapsedLayer(nn.Module):
             torch.is_grad_enabled() and any(p.requires_grad for layer in layers for p in layer.adapter.values())
         ):
             return self.chain(x, *args, **kwargs)
+        if not any(layer.active for layer in layers):
+            # Nothing to add: the base module itself, so strength 0 is the base model bit for bit
+            # (a copied weight can take a different kernel path and differ in the last bit).
+            return self._base(x)
         key = self._state()
         if key != self._key:
             self._weight, self._key = None, None

@@ -40,7 +40,10 @@ def one_thread():
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not installed")
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     sets = ["training.max_train_steps=4", "saving.save_every_n_steps=2", "saving.save_state=true",
-            "sampling.prompts=[{prompt='a photo of sks', steps=2}]", "optimizer.lr_scheduler='linear'"]
+            "sampling.prompts=[{prompt='a photo of sks', steps=2}]", "optimizer.lr_scheduler='linear'",
+            # A large Adam epsilon keeps the update linear in the gradient: with the default 1e-8, Adam's
+            # first steps are ~lr*sign(g), so all-reduce rounding on near-zero gradients flips whole steps.
+            "optimizer.eps=1e-2"]
     two = tiny_config(tmp_path, *sets, "dataset.batch_size=1", out="two")
     dumps = tmp_path / "dumps"
     dumps.mkdir()
@@ -65,10 +68,9 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     one = train(tiny_config(tmp_path, *sets, "dataset.batch_size=2", out="one"))
     single, double = adapter_tensors(one.adapter), adapter_tensors(out / "t.safetensors")
     assert single.keys() == double.keys()
-    # Same losses at every step; the weights differ only by float rounding of the gradient all-reduce
-    # (Adam turns tiny gradient differences into updates of up to ~1e-5 here; one lr step is 1e-3).
+    # Same losses at every step; the weights differ only by float rounding of the gradient all-reduce.
     progress = {name: [json.loads(line)["loss"] for line in (tmp_path / name / "progress.jsonl").read_text().splitlines()
                        if json.loads(line)["event"] == "step"] for name in ("one", "two")}
     assert progress["one"] == pytest.approx(progress["two"], rel=1e-5)
     for key in single:
-        torch.testing.assert_close(double[key], single[key], rtol=1e-3, atol=5e-5, msg=key)
+        torch.testing.assert_close(double[key], single[key], rtol=1e-4, atol=1e-7, msg=key)  # measured: <= 3e-9 on values up to 1e-3
