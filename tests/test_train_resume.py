@@ -96,3 +96,34 @@ def test_network_weights_continue_from_an_adapter_file(tmp_path):
     mismatched = tiny_config(tmp_path, "network.rank=2", f"network.weights='{first.adapter}'", out="bad")
     with pytest.raises(ValueError, match="does not match the network config"):
         train(mismatched)
+
+
+FINAL_PHASE_DRIVER = """
+import os, signal, sys
+import trainers.loop as loop
+
+patched = sys.argv[2]
+real = getattr(loop, patched)
+def signalled(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGTERM)  # the UI's Stop arrives while the run is finishing
+    return real(*args, **kwargs)
+setattr(loop, patched, signalled)
+from trainers.cli import main
+sys.exit(main(["--config", sys.argv[1]]))
+"""
+
+
+@pytest.mark.parametrize("during, samples", [("save_adapter", 0), ("draw", 1)])
+def test_sigterm_while_finishing_keeps_the_final_adapter(tmp_path, during, samples):
+    config = tiny_config(tmp_path, "training.max_train_steps=2", "sampling.prompts=[{prompt='a photo of sks', steps=2}]", out="run")
+    path = write_config(config, tmp_path / "run.toml")
+    driver = tmp_path / "driver.py"
+    driver.write_text(FINAL_PHASE_DRIVER)
+    run = subprocess.run([PYTHON, str(driver), str(path), during], env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "SIGTERM received" in run.stderr
+    end = json.loads((tmp_path / "run" / "progress.jsonl").read_text().splitlines()[-1])
+    assert end["event"] == "end" and end["status"] == "completed" and end["step"] == 2
+    assert Path(end["adapter"]).name == "t.safetensors" and adapter_tensors(Path(end["adapter"]))
+    # a stop that arrives before the final samples skips them; one that arrives while drawing lets them finish
+    assert len(list((tmp_path / "run" / "samples").glob("*.png"))) == samples

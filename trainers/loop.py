@@ -12,6 +12,7 @@ import os
 import signal
 import threading
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -186,7 +187,7 @@ class Trainer:
 
     def save_adapter(self, path: Path, *, overwrite: bool = True) -> Path | None:
         if self.main:
-            with self.ema.applied() if self.ema else _nullcontext():
+            with self.ema.applied() if self.ema else nullcontext():
                 epoch = -(-self.position.global_step // self.run.info.steps_per_epoch)  # epochs begun, as sd-scripts counts
                 save_adapter(self.run.network, path, config=self.config, run=self.run.info, static=self.metadata,
                              step=self.position.global_step, epoch=epoch, overwrite=overwrite)
@@ -214,7 +215,7 @@ class Trainer:
         if self.main:
             self.run.network.train(False)
             try:
-                with self.ema.applied() if self.ema else _nullcontext(), self.accelerator.autocast():
+                with self.ema.applied() if self.ema else nullcontext(), self.accelerator.autocast():
                     paths = draw(self.run.pipe, self.requests, Path(self.config.saving.output_dir) / "samples", step=step)
             finally:
                 self.run.network.train(True)
@@ -296,8 +297,9 @@ class Trainer:
                         self._interrupt(stop.signum or signal.SIGTERM)
                     if pos.global_step >= info.total_steps or epoch_end:
                         break
-        bar.close()
-        return self.finish()
+            bar.close()
+            # Still inside the signal scope: a Stop during the final save/sampling must not kill the run.
+            return self.finish(stop)
 
     def _stop_requested(self, stop: StopSignal) -> bool:
         flag = torch.tensor([1.0 if stop.signum is not None else 0.0], device=self.accelerator.device)
@@ -313,13 +315,15 @@ class Trainer:
         self.accelerator.end_training()
         raise TrainingInterrupted(signum, state, adapter)
 
-    def finish(self) -> TrainResult:
+    def finish(self, stop: StopSignal | None = None) -> TrainResult:
+        """Save the final adapter (and state), then draw the final samples unless a stop was requested."""
         final = final_adapter_path(self.config)
-        self.sample()
         adapter = self.save_adapter(final, overwrite=self.config.saving.overwrite or self.resumed_from is not None)
         state = self.save_state() if self.config.saving.save_state else None
         if self.main:
             prune(self.config)
+        if stop is None or not self._stop_requested(stop):
+            self.sample()
         last = self.losses[-1] if self.losses else None
         self.progress.write("end", status="completed", step=self.position.global_step, adapter=str(adapter) if adapter else None, loss=last)
         self.accelerator.wait_for_everyone()
@@ -357,14 +361,6 @@ def _flat_hparams(config: TrainConfig) -> dict[str, Any]:
         for key, value in values.items():
             flat[f"{section}.{key}"] = value if isinstance(value, (int, float, str, bool)) else json.dumps(value)
     return flat
-
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def train(config: TrainConfig, *, resume: str | bool | None = None) -> TrainResult:
