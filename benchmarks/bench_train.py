@@ -23,7 +23,6 @@ loading and latent caching excluded) and its peak RSS.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time

@@ -1,7 +1,7 @@
 """NetworkConfig: every option of an adapter network, as one immutable value."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from .algos import get_algorithm

@@ -10,7 +10,6 @@ import torch
 from torch import nn
 
 from lyco import LycoLayer, load_network
-from lyco.dora import weight_norms
 from lyco.format import parse_adapter
 from lyco.format.keys import split_key
 from tiny_models import tiny_sd1, tiny_sdxl

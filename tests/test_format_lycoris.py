@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from lyco import LycoLayer, LycoNetwork, NetworkConfig, load_network, save_network
-from tiny_models import clone_parts, model_inputs, model_outputs, outputs_differ, randomize, tiny_parts
+from tiny_models import clone_parts, model_outputs, outputs_differ, randomize, tiny_parts
 
 lycoris = pytest.importorskip("lycoris")
 from lycoris import create_lycoris, create_lycoris_from_weights  # noqa: E402

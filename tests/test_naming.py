@@ -15,8 +15,6 @@ from lyco.naming import (
     adaptable_modules,
     build_key_table,
     canonical_text_encoder_path,
-    detect_family_from_keys,
-    detect_family_from_shapes,
     dotted_prefixes,
     file_key,
     key_aliases,
@@ -25,6 +23,7 @@ from lyco.naming import (
     unet_diffusers_to_sgm,
     unet_sgm_to_diffusers,
 )
+from lyco.format.detect import detect_family_from_keys, detect_family_from_shapes
 from sd_configs import (
     CLIP_L_TEXT,
     OPENCLIP_BIGG_TEXT,

@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 import torch
 
 from trainers.loop import train
 
-from train_utils import PYTHON, adapter_tensors, reset_accelerate, subprocess_env, tiny_config, write_config
+from train_utils import adapter_tensors, reset_accelerate, subprocess_env, tiny_config, write_config
 
 DRIVER = """
 import sys, torch

@@ -7,7 +7,6 @@ import os
 import re
 from collections import Counter
 from dataclasses import dataclass, field
-from types import ModuleType
 from typing import Mapping
 
 import torch

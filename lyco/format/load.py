@@ -10,6 +10,7 @@ from torch import nn
 from .. import naming
 from ..layer import LycoLayer
 from ..network import LycoNetwork, detect_family
+from . import detect
 from .adapter_file import AdapterFile, ModuleEntry, _preview, load_adapter_file
 from .container import AdapterFileError
 
@@ -86,7 +87,7 @@ def _build_layer(parts: Mapping[str, nn.Module], target: tuple[str, str], entry:
 
 
 def _unmatched_message(unmatched: list[str], adapter: AdapterFile, family: str, parts: Mapping[str, nn.Module]) -> str:
-    file_family, scheme = naming.detect_family_from_keys(adapter.modules)
+    file_family, scheme = detect.detect_family_from_keys(adapter.modules)
     hint = ""
     if file_family and file_family != family and not (family in ("sd1", "sd2") and file_family in ("sd1", "sd2")):
         hint = f" The file looks like a {file_family} adapter but the model is {family}: use a matching base model."

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from .. import naming
+from ..format import detect
 from ..format.adapter_file import PEFT_METADATA_KEY, AdapterFile, ModuleEntry, parse_adapter
 from ..format.container import AdapterFileError, read_tensors
 from ..naming import UNetLayout
@@ -163,7 +164,7 @@ def detect_family(adapter: AdapterFile) -> str | None:
     """sd1 / sd2 / sdxl from key names and layer widths; from key names alone when the widths are not
     those of the real models (small test models), None when undecided."""
     shapes = {f"{key}.{suffix}": tuple(t.shape) for key, entry in adapter.modules.items() for suffix, t in entry.tensors.items()}
-    return naming.detect_family_from_shapes(shapes) or naming.detect_family_from_keys(adapter.modules)[0]
+    return detect.detect_family_from_shapes(shapes) or detect.detect_family_from_keys(adapter.modules)[0]
 
 
 def convert_adapter(

@@ -17,7 +17,7 @@ from typing import Mapping, Sequence
 
 from torch import Tensor
 
-from .. import naming
+from ..format import detect
 from ..format.adapter_file import AdapterFile, ModuleEntry, parse_adapter
 from ..format.container import PICKLE_SUFFIXES, AdapterFileError, read_tensors
 from ..format.hashes import file_model_hash, sd_scripts_hashes
@@ -43,7 +43,7 @@ def inspect_adapter(path: str | Path, *, allow_pickle: bool = False) -> dict:
     is_pickle = path.suffix.lower() in PICKLE_SUFFIXES
     modules = list(adapter.modules.values())
     family, family_source, families = _family(adapter, tensors, metadata)
-    _, scheme = naming.detect_family_from_keys(tensors)
+    _, scheme = detect.detect_family_from_keys(tensors)
     info = {
         "file": str(path),
         "size_bytes": path.stat().st_size,
@@ -142,8 +142,8 @@ def _family(adapter: AdapterFile, tensors: Mapping[str, Tensor], metadata: Mappi
     """(family, which evidence decided it, every piece of evidence). Tensor shapes decide first,
     then key names, then the metadata the writer claims."""
     evidence = {
-        "shapes": naming.detect_family_from_shapes({k: tuple(t.shape) for k, t in tensors.items()}),
-        "keys": naming.detect_family_from_keys(tensors)[0],
+        "shapes": detect.detect_family_from_shapes({k: tuple(t.shape) for k, t in tensors.items()}),
+        "keys": detect.detect_family_from_keys(tensors)[0],
         "metadata": family_from_metadata(metadata),
     }
     for source in ("shapes", "keys", "metadata"):

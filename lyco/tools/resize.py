@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from .. import naming
 from ..algos import get_algorithm
+from ..format import detect
 from ..format.adapter_file import AdapterFile, ModuleEntry, load_adapter_file
 from ..format.container import AdapterFileError
 from ..network import detect_family
@@ -127,7 +128,7 @@ def resize_module(entry: ModuleEntry, shape: Sequence[int], rule: RankRule, *, d
 
 def _is_sd1(adapter: AdapterFile) -> bool:
     shapes = {f"{k}.{s}": tuple(t.shape) for k, e in adapter.modules.items() for s, t in e.tensors.items()}
-    return naming.detect_family_from_shapes(shapes) == "sd1"
+    return detect.detect_family_from_shapes(shapes) == "sd1"
 
 
 def build_parser() -> argparse.ArgumentParser:
