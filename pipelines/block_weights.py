@@ -29,20 +29,7 @@ from typing import Union
 from torch import nn
 
 from lyco import naming
-
-BLOCK_IDS_26: tuple[str, ...] = ("BASE", *(f"IN{i:02d}" for i in range(12)), "M00", *(f"OUT{i:02d}" for i in range(12)))
-BLOCK_IDS_17: tuple[str, ...] = (
-    "BASE", "IN01", "IN02", "IN04", "IN05", "IN07", "IN08", "M00", *(f"OUT{i:02d}" for i in range(3, 12)),
-)
-BLOCK_IDS_12: tuple[str, ...] = ("BASE", "IN04", "IN05", "IN07", "IN08", "M00", *(f"OUT{i:02d}" for i in range(6)))
-BLOCK_IDS_20: tuple[str, ...] = ("BASE", *(f"IN{i:02d}" for i in range(9)), "M00", *(f"OUT{i:02d}" for i in range(9)))
-
-# Accepted value counts per family, and the ids each count names.
-FORMS: Mapping[str, Mapping[int, tuple[str, ...]]] = {
-    "sd1": {17: BLOCK_IDS_17, 26: BLOCK_IDS_26},
-    "sd2": {17: BLOCK_IDS_17, 26: BLOCK_IDS_26},
-    "sdxl": {12: BLOCK_IDS_12, 20: BLOCK_IDS_20},
-}
+from lyco.blocks import FORMS, TEXT_ENCODER_BLOCK, block_of_unet_path
 
 # lbw DEF_WEIGHT_PRESET (17 values, SD1/SD2).
 LBW_PRESETS_17: Mapping[str, tuple[float, ...]] = {
@@ -59,8 +46,6 @@ LBW_PRESETS_17: Mapping[str, tuple[float, ...]] = {
 }
 
 BlockWeightSpec = Union[str, Sequence[float]]
-
-TEXT_ENCODER_BLOCK = "BASE"
 
 
 class BlockWeightError(ValueError):
@@ -150,23 +135,6 @@ def _preset(name: str, *, family: str, presets: Mapping[str, Sequence[float]] | 
         return derived
     known = sorted(set(preset_names(family)) | set(presets or {}))
     raise BlockWeightError(f"unknown block-weight preset {name!r} for a {family} model; choose one of {', '.join(known)}")
-
-
-def block_of_unet_path(path: str, layout: naming.UNetLayout) -> str | None:
-    """The lbw block id (INnn, M00, OUTnn) of a diffusers UNet module path, or None outside the blocks."""
-    try:
-        sgm = naming.unet_diffusers_to_sgm(path, layout)
-    except ValueError:
-        return None
-    head, _, rest = sgm.partition(".")
-    index = rest.split(".", 1)[0]
-    if head == "input_blocks" and index.isdigit():
-        return f"IN{int(index):02d}"
-    if head == "middle_block":
-        return "M00"
-    if head == "output_blocks" and index.isdigit():
-        return f"OUT{int(index):02d}"
-    return None
 
 
 def block_of(part: str, path: str, *, layout: naming.UNetLayout | None) -> str | None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 
+from lyco import blocks
 from lyco.naming import UNetLayout
 from pipelines import block_weights as bw
 
@@ -35,10 +36,10 @@ def sdxl_layout():
 
 
 def test_block_id_lists_have_lbw_lengths():
-    assert [len(ids) for ids in (bw.BLOCK_IDS_12, bw.BLOCK_IDS_17, bw.BLOCK_IDS_20, bw.BLOCK_IDS_26)] == [12, 17, 20, 26]
-    assert bw.BLOCK_IDS_17[:8] == ("BASE", "IN01", "IN02", "IN04", "IN05", "IN07", "IN08", "M00")
-    assert bw.BLOCK_IDS_12 == ("BASE", "IN04", "IN05", "IN07", "IN08", "M00", "OUT00", "OUT01", "OUT02", "OUT03", "OUT04", "OUT05")
-    assert set(bw.BLOCK_IDS_17) <= set(bw.BLOCK_IDS_26) and set(bw.BLOCK_IDS_12) <= set(bw.BLOCK_IDS_20)
+    assert [len(ids) for ids in (blocks.BLOCK_IDS_12, blocks.BLOCK_IDS_17, blocks.BLOCK_IDS_20, blocks.BLOCK_IDS_26)] == [12, 17, 20, 26]
+    assert blocks.BLOCK_IDS_17[:8] == ("BASE", "IN01", "IN02", "IN04", "IN05", "IN07", "IN08", "M00")
+    assert blocks.BLOCK_IDS_12 == ("BASE", "IN04", "IN05", "IN07", "IN08", "M00", "OUT00", "OUT01", "OUT02", "OUT03", "OUT04", "OUT05")
+    assert set(blocks.BLOCK_IDS_17) <= set(blocks.BLOCK_IDS_26) and set(blocks.BLOCK_IDS_12) <= set(blocks.BLOCK_IDS_20)
 
 
 def test_short_form_fills_the_missing_blocks_with_zero_like_lbw_to26():
@@ -51,20 +52,20 @@ def test_short_form_fills_the_missing_blocks_with_zero_like_lbw_to26():
 
 
 def test_full_forms_and_comma_strings():
-    assert bw.resolve(",".join(["1"] * 26), family="sd2") == {block: 1.0 for block in bw.BLOCK_IDS_26}
+    assert bw.resolve(",".join(["1"] * 26), family="sd2") == {block: 1.0 for block in blocks.BLOCK_IDS_26}
     xl = bw.resolve(" 1, 0,0,0,0, 2,0,0,0,0,0,0 ", family="sdxl")
     assert xl["M00"] == 2.0 and xl["IN00"] == 0.0 and len(xl) == 20
-    assert bw.resolve([1] * 20, family="sdxl") == {block: 1.0 for block in bw.BLOCK_IDS_20}
+    assert bw.resolve([1] * 20, family="sdxl") == {block: 1.0 for block in blocks.BLOCK_IDS_20}
 
 
 @pytest.mark.parametrize("name", sorted(bw.LBW_PRESETS_17))
 def test_lbw_presets_resolve_for_sd1(name):
     weights = bw.resolve(name, family="sd1")
-    assert [weights[b] for b in bw.BLOCK_IDS_17] == [float(v) for v in bw.LBW_PRESETS_17[name]]
+    assert [weights[b] for b in blocks.BLOCK_IDS_17] == [float(v) for v in bw.LBW_PRESETS_17[name]]
 
 
 def test_presets_for_sdxl_and_unknown_preset_error():
-    assert all(v == 1.0 for b, v in bw.resolve("ALL", family="sdxl").items() if b in bw.BLOCK_IDS_12)
+    assert all(v == 1.0 for b, v in bw.resolve("ALL", family="sdxl").items() if b in blocks.BLOCK_IDS_12)
     out = bw.resolve("OUTALL", family="sdxl")
     assert out["BASE"] == 1.0 and out["IN04"] == 0.0 and out["M00"] == 0.0 and out["OUT05"] == 1.0
     with pytest.raises(bw.BlockWeightError, match="OUTS.*sdxl.*choose one of"):

@@ -252,6 +252,43 @@ def test_only_adapter_parameters_get_gradients(variant: Variant, path: str, laye
             assert p.grad is None, n
 
 
+@pytest.mark.parametrize("use_tucker", [False, True])
+def test_loha_backward_keeps_only_the_factors(use_tucker: bool) -> None:
+    """LoHa's gradients equal those of the plain formula, while autograd keeps about one weight-sized
+    tensor per layer (the summed weight the conv needs) instead of also both factor products."""
+    torch.manual_seed(9)
+    conv = nn.Conv2d(64, 64, 3, padding=1).requires_grad_(False)
+    layer = LycoLayer.create(conv, algo="loha", rank=4, alpha=2.0, options={"use_tucker": use_tucker})
+    randomize(layer)
+    layer.path = "rebuild"
+    x = torch.randn(2, 64, 6, 6)
+    saved: list[int] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = layer(x)
+    out.square().sum().backward()
+    ours = {k: p.grad.clone() for k, p in layer.adapter.items()}
+
+    params = {k: p.detach().clone().requires_grad_(True) for k, p in layer.adapter.items()}
+    factors = []
+    for n in ("1", "2"):
+        a, b = params[f"hada_w{n}_a"], params[f"hada_w{n}_b"]
+        if use_tucker:  # FORMAT.md §2.2: t[i,j,k,l] contracted with a[i,o] and b[j,i']
+            factors.append(torch.einsum("ijkl,io,jp->opkl", params[f"hada_t{n}"], a, b))
+        else:
+            factors.append((a @ b).reshape(conv.weight.shape))
+    delta = factors[0] * factors[1] * (layer.alpha / 4)
+    F.conv2d(x, conv.weight + delta, conv.bias, padding=1).square().sum().backward()
+    for key, grad in ours.items():
+        torch.testing.assert_close(grad, params[key].grad, rtol=1e-4, atol=1e-5, msg=key)
+    weight_bytes = conv.weight.numel() * conv.weight.element_size()
+    assert sum(saved) <= 1.25 * weight_bytes + x.numel() * x.element_size(), sum(saved) / weight_bytes
+
+
 # ----- 8. dropouts -------------------------------------------------------------------------------------
 DROPOUT_VARIANTS = ["lora", "loha", "lokr", "lokr_tucker", "lora_dora_out"]
 

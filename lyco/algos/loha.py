@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from ..spec import LayerSpec
 from .tucker import rebuild_tucker
@@ -65,5 +66,14 @@ def _factor(params: dict[str, Tensor], n: str) -> Tensor:
     return w_a @ w_b
 
 
-def delta_weight(params: dict[str, Tensor], spec: LayerSpec) -> Tensor:
+def _hadamard(params: dict[str, Tensor], spec: LayerSpec) -> Tensor:
     return (_factor(params, "1") * _factor(params, "2")).reshape(spec.weight_shape)
+
+
+def delta_weight(params: dict[str, Tensor], spec: LayerSpec) -> Tensor:
+    if torch.is_grad_enabled() and any(p.requires_grad for p in params.values()):
+        # Autograd would keep both full-size factor products for the Hadamard backward; keeping only
+        # the small factors and rebuilding the products in backward saves two weight-sized tensors
+        # per layer (what makes LoHa on every conv of a UNet run out of memory).
+        return checkpoint(_hadamard, params, spec, use_reentrant=False)
+    return _hadamard(params, spec)

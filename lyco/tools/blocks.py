@@ -12,7 +12,7 @@ A weight spec is either
 - a mapping {block id or regex: weight} (or the string "IN04=0.5,M00=0"): a key that is not a block
   id is a regex searched in the module's qualified path (`unet.down_blocks.1.attentions.0...`) and in
   its file key; block ids first, then the last matching regex wins; modules no entry names keep 1.
-The same conventions as pipelines/block_weights.py (generation-time weights), which the core cannot import.
+Block ids and vectors: lyco.blocks, shared with pipelines/block_weights.py (generation-time weights).
 """
 from __future__ import annotations
 
@@ -20,36 +20,18 @@ import re
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
-from .. import naming
+from ..blocks import BLOCK_VECTORS, TEXT_ENCODER_BLOCK, block_of_unet_path
 from ..naming import UNetLayout
 from .convert import ModuleId, default_layout
 
-_IN = [f"IN{i:02d}" for i in range(12)]
-_OUT = [f"OUT{i:02d}" for i in range(12)]
-BLOCK_VECTORS: Mapping[int, tuple[str, ...]] = {
-    26: ("BASE", *_IN, "M00", *_OUT),
-    17: ("BASE", "IN01", "IN02", "IN04", "IN05", "IN07", "IN08", "M00", *_OUT[3:]),
-    20: ("BASE", *_IN[:9], "M00", *_OUT[:9]),
-    12: ("BASE", "IN04", "IN05", "IN07", "IN08", "M00", *_OUT[:6]),
-}
 _BLOCK_ID = re.compile(r"^(BASE|IN\d\d|M00|OUT\d\d)$")
-_SGM_BLOCK = re.compile(r"^(input_blocks|output_blocks)\.(\d+)\.")
 
 
 def block_of(module: ModuleId, layout: UNetLayout) -> str | None:
     """The block id of a module (None for a UNet path the layout cannot place)."""
     if module.part != "unet":
-        return "BASE"
-    try:
-        sgm = naming.unet_diffusers_to_sgm(module.path, layout)
-    except ValueError:
-        return None
-    if sgm.startswith("middle_block."):
-        return "M00"
-    match = _SGM_BLOCK.match(sgm)
-    if match is None:
-        return None
-    return ("IN" if match.group(1) == "input_blocks" else "OUT") + f"{int(match.group(2)):02d}"
+        return TEXT_ENCODER_BLOCK
+    return block_of_unet_path(module.path, layout)
 
 
 @dataclass(frozen=True)
