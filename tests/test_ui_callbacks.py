@@ -15,6 +15,7 @@ from ui.paths import PathNotAllowed, PathPolicy
 from ui.state import AdapterRow
 from ui import generate_tab as gen
 from ui import tools_tab as tools
+from ui import train_config as cfg
 from ui import train_tab as train
 
 
@@ -71,35 +72,35 @@ def test_models_uploads_and_output_names(policy: PathPolicy, tmp_path: Path, mon
 
 # ----- the Train form ------------------------------------------------------------------------------------
 def test_form_round_trip_keeps_what_the_form_does_not_show(policy: PathPolicy) -> None:
-    base = {**train.DEFAULT_CONFIG, "training": {"max_train_steps": 200, "seed": 0, "noise_offset": 0.05},
+    base = {**cfg.DEFAULT_CONFIG, "training": {"max_train_steps": 200, "seed": 0, "noise_offset": 0.05},
             "sampling": {"prompts": [{"prompt": "a photo of sks", "seed": 7, "steps": 3}]}}
-    values = train.config_to_form(base, policy)
-    assert train.form_to_config(values, base, policy) == base
+    values = cfg.config_to_form(base, policy)
+    assert cfg.form_to_config(values, base, policy) == base
     values.update(rank=16, alpha=0, length_unit="epochs", length=3, text_encoder_lr="0", unet_lr="", algo="lokr", factor=4,
                   sample_prompts="a photo of sks\nsks on a red background", data_dir="sks")
-    data = train.form_to_config(values, base, policy)
+    data = cfg.form_to_config(values, base, policy)
     assert data["network"]["rank"] == 16 and "alpha" not in data["network"] and data["network"]["factor"] == 4
     assert data["training"] == {"max_train_epochs": 3, "seed": 0, "noise_offset": 0.05}
     assert data["optimizer"]["text_encoder_lr"] == 0.0 and "unet_lr" not in data["optimizer"]
     assert data["sampling"]["prompts"] == [{"prompt": "a photo of sks", "seed": 7, "steps": 3}, {"prompt": "sks on a red background"}]
     assert data["dataset"]["train_data_dir"] == str(policy.data / "sks")
     values.update(algo="lora")
-    assert "factor" not in train.form_to_config(values, base, policy)["network"]
+    assert "factor" not in cfg.form_to_config(values, base, policy)["network"]
     with pytest.raises(ValueError, match="optimizer.unet_lr"):
-        train.form_to_config({**values, "unet_lr": "fast"}, base, policy)
+        cfg.form_to_config({**values, "unet_lr": "fast"}, base, policy)
 
 
 def test_config_errors_name_the_field(policy: PathPolicy, concept: Path, tmp_path: Path) -> None:
-    values = train.config_to_form(train.DEFAULT_CONFIG, policy)
-    _, _, problems = train.check_config(train.form_to_config({**values, "data_dir": "missing"}, train.DEFAULT_CONFIG, policy), policy)
+    values = cfg.config_to_form(cfg.DEFAULT_CONFIG, policy)
+    _, _, problems = cfg.check_config(cfg.form_to_config({**values, "data_dir": "missing"}, cfg.DEFAULT_CONFIG, policy), policy)
     assert any(p.startswith("dataset.train_data_dir: folder") and "does not exist" in p for p in problems)
-    _, _, problems = train.check_config(train.form_to_config({**values, "data_dir": str(concept)}, train.DEFAULT_CONFIG, policy), policy)
+    _, _, problems = cfg.check_config(cfg.form_to_config({**values, "data_dir": str(concept)}, cfg.DEFAULT_CONFIG, policy), policy)
     assert problems and "dataset.train_data_dir" in problems[0] and "outside the folders" in problems[0]
-    data = {**train.DEFAULT_CONFIG, "network": {"rank": 0, "algo": "lora"}, "dataset": {"train_data_dir": str(policy.data), "batch_sise": 2}}
-    _, _, problems = train.check_config(data, policy)
+    data = {**cfg.DEFAULT_CONFIG, "network": {"rank": 0, "algo": "lora"}, "dataset": {"train_data_dir": str(policy.data), "batch_sise": 2}}
+    _, _, problems = cfg.check_config(data, policy)
     assert any(p.startswith("network.rank") for p in problems)
     assert any(p.startswith("dataset.batch_sise: unknown key; did you mean 'batch_size'") for p in problems)
-    _, _, problems = train.check_config({**train.DEFAULT_CONFIG, "model": {"path": "/etc"}}, policy)
+    _, _, problems = cfg.check_config({**cfg.DEFAULT_CONFIG, "model": {"path": "/etc"}}, policy)
     assert any(p.startswith("model.path") for p in problems)
 
 
@@ -109,18 +110,18 @@ def test_save_and_load_config_is_the_toml_lyco_train_reads(policy: PathPolicy, c
     from trainers.cli import main as lyco_train
 
     shutil.copytree(concept, policy.data / "sks")
-    values = {**train.config_to_form(train.DEFAULT_CONFIG, policy), "data_dir": "sks", "rank": 4, "length": 7}
-    path, problems = train.save_config_file(policy, train.form_to_config(values, train.DEFAULT_CONFIG, policy), "configs/mine")
+    values = {**cfg.config_to_form(cfg.DEFAULT_CONFIG, policy), "data_dir": "sks", "rank": 4, "length": 7}
+    path, problems = cfg.save_config_file(policy, cfg.form_to_config(values, cfg.DEFAULT_CONFIG, policy), "configs/mine")
     assert problems == [] and path == policy.work / "configs" / "mine.toml"
     assert lyco_train(["--config", str(path), "--print-config"]) == 0
     assert "max_train_steps = 7" in capsys.readouterr().out
-    data, problems = train.load_config_file(policy, path)
+    data, problems = cfg.load_config_file(policy, path)
     assert problems == []
-    loaded = train.config_to_form(data, policy)
+    loaded = cfg.config_to_form(data, policy)
     assert (loaded["rank"], loaded["length"], loaded["data_dir"]) == (4, 7, "sks")
     assert loaded["output_dir"] == "my_adapter"  # <adapter folder>/<output name>, shown relative
     assert train.shown_command(path, resume=True) == f"lyco-train --config {path} --resume"
-    bad, problems = train.save_config_file(policy, data, "/etc/x")
+    bad, problems = cfg.save_config_file(policy, data, "/etc/x")
     assert bad is None and "outside" in problems[0]
 
 
@@ -159,10 +160,10 @@ def test_start_writes_the_run_and_the_live_view_follows_the_child(policy: PathPo
     fake.write_text(FAKE_PYTHON.format(python=sys.executable))
     fake.chmod(0o755)
     ctx = make_context(Settings(workdir=policy.work, data_dir=policy.data, python=str(fake)))
-    values = train.config_to_form(train.DEFAULT_CONFIG, ctx.policy)
-    ok, text = train.start_training(ctx, train.DEFAULT_CONFIG, {**values, "rank": 0})
+    values = cfg.config_to_form(cfg.DEFAULT_CONFIG, ctx.policy)
+    ok, text = train.start_training(ctx, cfg.DEFAULT_CONFIG, {**values, "rank": 0})
     assert not ok and "network.rank" in text and ctx.job.status().state == "idle"
-    ok, text = train.start_training(ctx, train.DEFAULT_CONFIG, {**values, "data_dir": "sks"})
+    ok, text = train.start_training(ctx, cfg.DEFAULT_CONFIG, {**values, "data_dir": "sks"})
     assert ok, text
     assert ctx.job.wait(30)
     view = train.status_view(ctx)
@@ -173,7 +174,7 @@ def test_start_writes_the_run_and_the_live_view_follows_the_child(policy: PathPo
     assert config.name == "config.toml" and config.parent.parent == ctx.policy.work / "runs"
     ctx.job.start([sys.executable, "-c", "import time; time.sleep(60)"], log_path=tmp_path / "busy.log", progress_path=tmp_path / "p.jsonl")
     try:  # one training at a time, with a clear message
-        ok, text = train.start_training(ctx, train.DEFAULT_CONFIG, {**values, "data_dir": "sks", "overwrite": True})
+        ok, text = train.start_training(ctx, cfg.DEFAULT_CONFIG, {**values, "data_dir": "sks", "overwrite": True})
         assert not ok and "already running" in text and "one" in text
     finally:
         ctx.job.kill()
