@@ -95,7 +95,7 @@ def load_base(config: TrainConfig, accelerator: Accelerator) -> tuple[Any, Any, 
         if module is not None:
             module.requires_grad_(False)
             module.eval()
-            if name != "vae":  # the frozen base in the compute dtype; adapters stay fp32
+            if name != "vae" and module.dtype != weight_dtype:  # the frozen base in the compute dtype; adapters stay fp32
                 module.to(dtype=weight_dtype)
     if config.training.attention == "xformers":
         if torch.cuda.is_available():
