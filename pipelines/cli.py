@@ -18,6 +18,8 @@ from typing import Sequence
 
 import torch
 
+from .adapter_arg import split_adapter_arg
+
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _SEED_RANGE = re.compile(r"^\s*(-?\d+)\s*\.\.\s*(-?\d+)\s*$")
 MAX_SEED = 2**32 - 1
@@ -51,17 +53,9 @@ def parse_seeds(values: Sequence[str] | None, *, batch: int) -> tuple[int, ...]:
 
 
 def parse_adapter_arg(value: str) -> tuple[Path, float, float | None]:
-    """`PATH[:STRENGTH[:TE_STRENGTH]]` -> (path, strength, te strength or None). Numbers are taken from
-    the right, so paths that contain ':' still work."""
-    pieces = value.split(":")
-    numbers: list[float] = []
-    while len(pieces) > 1 and len(numbers) < 2:
-        try:
-            numbers.insert(0, float(pieces[-1]))
-        except ValueError:
-            break
-        pieces.pop()
-    path = Path(":".join(pieces))
+    """`PATH[:STRENGTH[:TE_STRENGTH]]` -> (path, strength, te strength or None)."""
+    text, numbers = split_adapter_arg(value)
+    path = Path(text)
     if not path.is_file():
         raise CliError(f"--adapter {value!r}: {path} is not a file; give PATH[:STRENGTH[:TE_STRENGTH]]")
     strength = numbers[0] if numbers else 1.0

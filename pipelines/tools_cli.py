@@ -32,6 +32,8 @@ from lyco.tools._common import HISTORY_KEY, cast_tensors, write_adapter
 from lyco.tools.checkpoint import single_file_state_dict
 from lyco.tools.svd import DYNAMIC_METHODS
 
+from .adapter_arg import split_adapter_arg
+
 MERGE_MODES = ("bake", "concat", "svd")
 _PARTS = ("unet", "text_encoder", "text_encoder_2")
 
@@ -40,16 +42,8 @@ _PARTS = ("unet", "text_encoder", "text_encoder_2")
 
 
 def parse_adapter_arg(text: str) -> tuple[str, Any]:
-    """`path`, `path:strength` or `path:unet_strength:text_encoder_strength` (a Windows drive colon is kept)."""
-    pieces = text.split(":")
-    numbers: list[float] = []
-    while len(pieces) > 1 and len(numbers) < 2:
-        try:
-            numbers.insert(0, float(pieces[-1]))
-        except ValueError:
-            break
-        pieces.pop()
-    path = ":".join(pieces)
+    """`path`, `path:strength` or `path:unet_strength:text_encoder_strength`."""
+    path, numbers = split_adapter_arg(text)
     if not numbers:
         return path, 1.0
     if len(numbers) == 1:

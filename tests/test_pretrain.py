@@ -13,10 +13,14 @@ from pipelines.models import describe_pipeline, load_pipeline
 
 def test_pretrain_few_steps_writes_loadable_pipeline(tmp_path, capsys):
     out = tmp_path / "tiny"
-    code = pretrain_main([
-        "--out", str(out), "--n-images", "16", "--vae-steps", "2", "--vae-batch", "4",
-        "--steps", "2", "--batch", "4", "--eval-every", "0",
-    ])
+    threads = torch.get_num_threads()
+    try:
+        code = pretrain_main([
+            "--out", str(out), "--n-images", "16", "--vae-steps", "2", "--vae-batch", "4",
+            "--steps", "2", "--batch", "4", "--eval-every", "0",
+        ])
+    finally:
+        torch.set_num_threads(threads)
     assert code == 0
     log = capsys.readouterr().out
     assert "vae step 1" in log and "unet step 1" in log and f"wrote {out}" in log
