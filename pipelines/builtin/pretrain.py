@@ -8,7 +8,9 @@ Three phases, all deterministic from --seed:
 2. train the AutoencoderKL (L1 reconstruction + a small KL term), encode the whole dataset once
    and set the VAE's scaling_factor to 1 / std of the latents;
 3. train the UNet and the CLIP text encoder jointly on the cached latents: epsilon prediction,
-   min-SNR-5 loss weighting, 10% empty captions (for classifier-free guidance), AdamW with
+   min-SNR-5 loss weighting times v-prediction's weighting (1 + 1/SNR, capped at 20: the
+   prompt's colour is decided at high noise, where a plain epsilon loss hardly sees the image;
+   this doubled the colour hit rate after 1,000 steps), 10% empty captions (for classifier-free guidance), AdamW with
    warmup + cosine decay, EMA of the weights. The colour hit rate of the EMA weights on the
    quality prompts is logged every --eval-every steps.
 
@@ -53,14 +55,15 @@ class PretrainConfig:
     vae_batch: int = 16
     vae_lr: float = 2e-3
     kl_weight: float = 1e-4
-    unet_steps: int = 2_500
+    unet_steps: int = 3_000
     unet_batch: int = 32
     unet_lr: float = 1e-3
     warmup: int = 100
     caption_dropout: float = 0.1
     ema_decay: float = 0.999
     min_snr_gamma: float = 5.0
-    eval_every: int = 500
+    high_noise_cap: float = 20.0
+    eval_every: int = 1_000
     max_minutes: Optional[float] = None
     vae_from: Optional[str] = None
     save_vae: Optional[str] = None
@@ -217,6 +220,10 @@ def train_unet(
         hidden = text_encoder(tokens)[0]
         pred = unet(noisy, t, hidden).sample
         weight = torch.clamp(snr[t], max=cfg.min_snr_gamma) / snr[t]
+        if cfg.high_noise_cap:
+            # v-prediction's weighting of the epsilon loss (1 + 1/SNR), capped: at high noise an
+            # epsilon loss barely sees the image, yet that is where the prompt's colour is decided.
+            weight = weight * torch.clamp(1 + 1 / snr[t], max=cfg.high_noise_cap)
         loss = (weight * F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))).mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -288,20 +295,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--vae-batch", type=int, default=defaults.vae_batch)
     parser.add_argument("--batch", type=int, default=defaults.unet_batch, help="UNet batch size")
     parser.add_argument("--lr", type=float, default=defaults.unet_lr)
+    parser.add_argument("--high-noise-cap", type=float, default=defaults.high_noise_cap,
+                        help="weight the epsilon loss by min(1 + 1/SNR, CAP) (0 = off)")
     parser.add_argument("--eval-every", type=int, default=defaults.eval_every, help="0 = never evaluate")
     parser.add_argument("--max-minutes", type=float, default=None,
                         help="stop UNet training early once this much wall time has passed (not deterministic)")
     parser.add_argument("--vae-from", default=None,
                         help="reuse a trained VAE folder (e.g. OUT/vae of an earlier run) instead of training one")
     parser.add_argument("--save-vae", default=None, help="also save the trained VAE to this folder")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    # Measured on a 2-core machine: 0.45 s per UNet step on 1 thread, 0.58 s on 2 (the ops are too small).
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: faster on these small models)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = PretrainConfig(
         out=args.out, seed=args.seed, n_images=args.n_images, vae_steps=args.vae_steps, vae_batch=args.vae_batch,
         unet_steps=args.steps,
-        unet_batch=args.batch, unet_lr=args.lr, eval_every=args.eval_every, max_minutes=args.max_minutes,
+        unet_batch=args.batch, unet_lr=args.lr, high_noise_cap=args.high_noise_cap, eval_every=args.eval_every, max_minutes=args.max_minutes,
         vae_from=args.vae_from, save_vae=args.save_vae,
     )
     pretrain(cfg, log=lambda line: print(line, flush=True))
