@@ -1,6 +1,6 @@
 """Core training-step benchmark: lyco vs peft vs lycoris-lora on the SD1.5 UNet (issue 2).
 
-    python benchmarks/bench_core.py                 # full run (~35-40 min on 2 idle cores)
+    python benchmarks/bench_core.py                 # full run (estimated 35-40 min on 2 idle cores)
     python benchmarks/bench_core.py --quick         # smoke run: every configuration, 1 warm-up + 1 step
     python benchmarks/bench_core.py --steps 16 --rounds 4 --only 'attn/lora'
 
@@ -608,6 +608,9 @@ def finish(
         "configs": agg,
         "raw": runs,
     }
+    for key in ("merged_from", "sources", "notes"):
+        if saved and key in saved:
+            out[key] = saved[key]
     suffix = "_quick" if args.quick else ""
     json_path = json_path or (Path(args.out) if args.out else HERE / "results" / f"core_{date}{suffix}.json")
     common.write_json(json_path, out)
@@ -649,7 +652,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 round, 1 warm-up + 1 timed step per configuration")
-    parser.add_argument("--steps", type=int, default=12, help="timed steps per configuration, split over the rounds (default 12)")
+    parser.add_argument("--steps", type=int, default=8, help="timed steps per configuration, split over the rounds (default 8)")
     parser.add_argument("--rounds", type=int, default=2, help="processes per configuration, interleaved (default 2)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps at the start of every process (default 2)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: all CPUs)")
