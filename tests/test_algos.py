@@ -18,15 +18,6 @@ from lyco.layer import LycoLayer
 STRENGTH = 0.7
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny layers: one intra-op thread is faster and does not spin against other jobs on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ----- the test matrix ------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Variant:

@@ -28,14 +28,6 @@ lycoris_lokr = pytest.importorskip("lycoris.modules.lokr")
 TOL = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def lycoris_module(variant: Variant, base: nn.Module, *, multiplier: float, bypass: bool):
     cls = {
         "lora": lycoris_locon.LoConModule,

@@ -35,14 +35,6 @@ TOL = 1e-5
 ALPHA = 3.0
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 BASES = {
     "linear": lambda: nn.Linear(64, 96),
     "conv1x1": lambda: nn.Conv2d(64, 96, 1),

@@ -15,14 +15,6 @@ from pipelines.stack import AdapterStack
 from test_stack import make_adapter
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def pipe():
     from pipelines.models import load_pipeline

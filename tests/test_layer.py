@@ -35,15 +35,6 @@ TOL = 1e-5
 PATHS = ["bypass", "rebuild", "merged"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny layers: one intra-op thread is faster and does not spin against other jobs on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def apply_base(base: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """The base layer's op with another weight, in float64."""
     bias = None if base.bias is None else base.bias.detach().double()

@@ -34,15 +34,6 @@ def make_adapter(pipe, path: Path, *, algo: str, seed: int, scale: float = 0.05,
     return path
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is faster and far steadier on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def pipe():
     from pipelines.models import load_pipeline

@@ -13,14 +13,6 @@ pytest.importorskip("peft")
 WEIGHTS = {"a": (0.8, 0.5), "b": (-0.6, 1.2)}  # (unet, text encoder)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def pipes():
     from pipelines.models import load_pipeline

@@ -11,7 +11,7 @@ import torch
 
 from trainers.loop import train
 
-from train_utils import adapter_tensors, reset_accelerate, subprocess_env, tiny_config, write_config
+from train_utils import adapter_tensors, subprocess_env, tiny_config, write_config
 
 DRIVER = """
 import sys, torch
@@ -26,14 +26,7 @@ torch.save({"state": state, "world": acc.num_processes, "type": str(acc.distribu
 """
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    reset_accelerate()
-    yield
-    torch.set_num_threads(threads)
-    reset_accelerate()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate")
 
 
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not installed")

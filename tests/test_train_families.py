@@ -13,17 +13,10 @@ from pipelines.models import load_pipeline
 from trainers.family import family_for
 from trainers.loop import train
 
-from train_utils import reset_accelerate, tiny_config
+from train_utils import tiny_config
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    reset_accelerate()
-    yield
-    torch.set_num_threads(threads)
-    reset_accelerate()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate")
 
 
 def _keys_and_metadata(path):

@@ -10,17 +10,10 @@ from safetensors import safe_open
 
 from trainers.cli import main
 
-from train_utils import concept_data, reset_accelerate, tiny_config, write_config
+from train_utils import concept_data, tiny_config, write_config
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    reset_accelerate()
-    yield
-    torch.set_num_threads(threads)
-    reset_accelerate()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate")
 
 
 def test_options_run_writes_everything(tmp_path, capsys):

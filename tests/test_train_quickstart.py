@@ -38,8 +38,6 @@ SHOWS_CONCEPT = 0.5  # every rendered concept image scores above this, base-mode
 def trained(tmp_path_factory) -> dict[str, Path]:
     """Output folders of the quickstart run for each algorithm (the LoRA one through the real command)."""
     root = tmp_path_factory.mktemp("quickstart")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     outputs = {}
     try:
         for algo in ALGOS:
@@ -55,7 +53,6 @@ def trained(tmp_path_factory) -> dict[str, Path]:
                 assert main(args) == 0
             outputs[algo] = root / algo
     finally:
-        torch.set_num_threads(threads)
         reset_accelerate()
     return outputs
 
@@ -67,7 +64,6 @@ def pipe():
 
 
 def _images(pipe, stack=None):
-    torch.set_num_threads(1)
     images = []
     for prompt in PROMPTS:
         settings = GenerationSettings(prompt=prompt, seeds=SEEDS, steps=20, guidance_scale=5.0, batch_size=len(SEEDS))

@@ -18,14 +18,7 @@ from trainers.outputs import latest_state
 from train_utils import PYTHON, adapter_tensors, assert_same_tensors, reset_accelerate, subprocess_env, tiny_config, write_config
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    reset_accelerate()
-    yield
-    torch.set_num_threads(threads)
-    reset_accelerate()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate")
 
 
 def test_resume_from_a_saved_state_is_bit_exact(tmp_path):

@@ -20,10 +20,6 @@ from typing import Mapping
 import torch
 from torch import Tensor, nn
 
-# On the shared 2-core machine, multi-threaded kernels on these tiny tensors spend most of their time
-# waiting for each other (a tiny UNet forward: ~3 s with 2 threads under load, ~25 ms with 1).
-torch.set_num_threads(1)
-
 TE_VOCAB = 1000
 SEQ_LEN = 7
 SD1_CONTEXT = 32
