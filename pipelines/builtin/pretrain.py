@@ -10,8 +10,8 @@ Three phases, all deterministic from --seed:
 3. train the UNet and the CLIP text encoder jointly on the cached latents: epsilon prediction,
    min-SNR-5 loss weighting times v-prediction's weighting (1 + 1/SNR, capped at 20: the
    prompt's colour is decided at high noise, where a plain epsilon loss hardly sees the image;
-   this doubled the colour hit rate after 1,000 steps), 10% empty captions (for classifier-free guidance), AdamW with
-   warmup + cosine decay, EMA of the weights. The colour hit rate of the EMA weights on the
+   this doubled the colour hit rate after 1,000 steps), 10% empty captions (for
+   classifier-free guidance), AdamW with warmup + cosine decay, EMA of the weights. The colour hit rate of the EMA weights on the
    quality prompts is logged every --eval-every steps.
 
 The result is written in diffusers folder layout, with `training_log.json` beside it.
