@@ -4,30 +4,12 @@ from __future__ import annotations
 import pytest
 
 from lyco import blocks
-from lyco.naming import UNetLayout
+from lyco.tools.convert import SD_LAYOUT, SDXL_LAYOUT  # checked against the real UNets in test_naming.py
 from pipelines import block_weights as bw
-
-# UNetLayout.from_unet() of the real SD1.5 and SDXL UNets (tests/sd_configs.py), written out so that
-# these tests need no diffusers import; test_stack.py checks the mapping on a real pipeline.
-SD15_LAYOUT = UNetLayout(
-    layers_per_block=2,
-    down_has_attentions=(True, True, True, False),
-    up_has_attentions=(False, True, True, True),
-    down_has_downsampler=(True, True, True, False),
-    up_has_upsampler=(True, True, True, False),
-)
-SDXL_LAYOUT = UNetLayout(
-    layers_per_block=2,
-    down_has_attentions=(False, True, True),
-    up_has_attentions=(True, True, False),
-    down_has_downsampler=(True, True, False),
-    up_has_upsampler=(True, True, False),
-)
-
 
 @pytest.fixture(scope="module")
 def sd15_layout():
-    return SD15_LAYOUT
+    return SD_LAYOUT
 
 
 @pytest.fixture(scope="module")

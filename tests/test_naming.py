@@ -24,6 +24,7 @@ from lyco.naming import (
     unet_sgm_to_diffusers,
 )
 from lyco.format.detect import detect_family_from_keys, detect_family_from_shapes
+from lyco.tools.convert import SD_LAYOUT, SDXL_LAYOUT
 from sd_configs import (
     CLIP_L_TEXT,
     OPENCLIP_BIGG_TEXT,
@@ -113,14 +114,15 @@ def test_family_and_scheme_of_sdscripts_files(entry):
 
 
 def test_layouts_of_the_real_unets(sd15_parts, sdxl_parts):
-    assert UNetLayout.from_unet(sd15_parts["unet"]) == UNetLayout(
+    """The layouts lyco's file tools assume when no model is at hand are those of the real UNets."""
+    assert UNetLayout.from_unet(sd15_parts["unet"]) == SD_LAYOUT == UNetLayout(
         layers_per_block=2,
         down_has_attentions=(True, True, True, False),
         up_has_attentions=(False, True, True, True),
         down_has_downsampler=(True, True, True, False),
         up_has_upsampler=(True, True, True, False),
     )
-    assert UNetLayout.from_unet(sdxl_parts["unet"]) == UNetLayout(
+    assert UNetLayout.from_unet(sdxl_parts["unet"]) == SDXL_LAYOUT == UNetLayout(
         layers_per_block=2,
         down_has_attentions=(False, True, True),
         up_has_attentions=(True, True, False),

@@ -61,15 +61,18 @@ def param_shapes(
         shapes["lokr_w1_a"], shapes["lokr_w1_b"] = (out_l, rank), (rank, in_m)
     else:
         shapes["lokr_w1"] = (out_l, in_m)
-    if full_matrix or rank >= max(out_k, in_n) / 2:
-        shapes["lokr_w2"] = (out_k, in_n, *spec.kernel_size) if spec.is_conv else (out_k, in_n)
-    elif use_tucker and spec.has_spatial_kernel:
-        shapes["lokr_t2"] = (rank, rank, *spec.kernel_size)
-        shapes["lokr_w2_a"], shapes["lokr_w2_b"] = (rank, out_k), (rank, in_n)
-    else:
-        in_flat = in_n * spec.kernel_numel if spec.is_conv else in_n
-        shapes["lokr_w2_a"], shapes["lokr_w2_b"] = (out_k, rank), (rank, in_flat)
-    return shapes
+    full = full_matrix or rank >= max(out_k, in_n) / 2
+    return shapes | _w2_shapes(spec, out_k, in_n, rank, full=full, tucker=use_tucker and spec.has_spatial_kernel)
+
+
+def _w2_shapes(spec: LayerSpec, out_k: int, in_n: int, rank: int, *, full: bool, tucker: bool) -> dict[str, tuple[int, ...]]:
+    """Shapes of the second (large) Kronecker factor: full, Tucker, or a rank-`rank` product."""
+    if full:
+        return {"lokr_w2": (out_k, in_n, *spec.kernel_size) if spec.is_conv else (out_k, in_n)}
+    if tucker:
+        return {"lokr_t2": (rank, rank, *spec.kernel_size), "lokr_w2_a": (rank, out_k), "lokr_w2_b": (rank, in_n)}
+    in_flat = in_n * spec.kernel_numel if spec.is_conv else in_n
+    return {"lokr_w2_a": (out_k, rank), "lokr_w2_b": (rank, in_flat)}
 
 
 def expected_shapes(params: dict[str, Tensor], spec: LayerSpec) -> dict[str, tuple[int, ...]]:
@@ -85,17 +88,9 @@ def expected_shapes(params: dict[str, Tensor], spec: LayerSpec) -> dict[str, tup
     else:
         r1 = params["lokr_w1_b"].shape[0]
         shapes["lokr_w1_a"], shapes["lokr_w1_b"] = (out_l, r1), (r1, in_m)
-    if "lokr_w2" in params:
-        shapes["lokr_w2"] = (out_k, in_n, *spec.kernel_size) if spec.is_conv else (out_k, in_n)
-        return shapes
-    rank = params["lokr_w2_b"].shape[0]
-    if "lokr_t2" in params:
-        shapes["lokr_t2"] = (rank, rank, *spec.kernel_size)
-        shapes["lokr_w2_a"], shapes["lokr_w2_b"] = (rank, out_k), (rank, in_n)
-    else:
-        in_flat = in_n * spec.kernel_numel if spec.is_conv else in_n
-        shapes["lokr_w2_a"], shapes["lokr_w2_b"] = (out_k, rank), (rank, in_flat)
-    return shapes
+    full = "lokr_w2" in params
+    rank = 0 if full else params["lokr_w2_b"].shape[0]
+    return shapes | _w2_shapes(spec, out_k, in_n, rank, full=full, tucker="lokr_t2" in params)
 
 
 def init_params(spec: LayerSpec, rank: int, **options) -> dict[str, Tensor]:
