@@ -26,7 +26,8 @@ so ratios use CPU seconds; with more threads they use wall seconds.
   `unfuse_lora` + `set_adapters` + `fuse_lora` for a fused LoRA. Also `fuse()` / `unfuse()` themselves.
 - generate: base (no adapters), unfused (AdapterStack default: collapsed single-op layers inside
   generate()), per-forward (`collapse=False`: each adapter runs beside the frozen weight in every forward),
-  fused; with 1 and 3 adapters. Time of the timed generate() after one untimed warm-up generate().
+  fused; with 1 and 3 adapters. Times of `gen_reps` generate() calls (5 on tiny, 1 on sd15) after one
+  untimed warm-up generate(); the table shows the median over all rounds.
 """
 from __future__ import annotations
 
@@ -50,8 +51,8 @@ ADAPTERS: dict[str, dict[str, Any]] = {
     "lokr": {"algo": "lokr", "rank": 8, "alpha": 4.0},
 }
 MODELS: dict[str, dict[str, Any]] = {
-    "tiny": {"size": 64, "steps": 8, "load_reps": 5, "strength_reps": 5},
-    "sd15": {"size": 256, "steps": 3, "load_reps": 3, "strength_reps": 2},
+    "tiny": {"size": 64, "steps": 8, "load_reps": 5, "strength_reps": 5, "gen_reps": 5},
+    "sd15": {"size": 256, "steps": 3, "load_reps": 3, "strength_reps": 2, "gen_reps": 1},
 }
 GEN_MODES = ("base", "unfused-1", "unfused-3", "per-forward-1", "per-forward-3", "fused-1", "fused-3")
 MARKER = "pipelines-results"
@@ -186,9 +187,12 @@ def generate_worker(payload: dict[str, Any]) -> dict[str, Any]:
     warm = GenerationSettings(prompt="a red circle", seeds=(0,), steps=1, width=size, height=size)
     generate(pipe, warm, stack=stack)
     settings = GenerationSettings(prompt="a red circle", seeds=(1,), steps=payload["steps"], width=size, height=size)
-    clock = Clock()
-    generate(pipe, settings, stack=stack)
-    return {"times": {"generate": [clock.stop()]}}
+    times = []
+    for _ in range(payload.get("gen_reps", 1)):
+        clock = Clock()
+        generate(pipe, settings, stack=stack)
+        times.append(clock.stop())
+    return {"times": {"generate": times}}
 
 
 def worker_main() -> None:
@@ -207,7 +211,7 @@ def configs(models: list[str], base: dict[str, Any]) -> list[dict[str, Any]]:
     for model in models:
         shared = {**base, "model": model, **MODELS[model]}
         if base.get("quick"):
-            shared.update(steps=2, load_reps=1, strength_reps=1)
+            shared.update(steps=2, load_reps=1, strength_reps=1, gen_reps=1)
         out += [{**shared, "kind": kind, "name": f"{model}/{kind}"} for kind in ("ops-lyco", "ops-diffusers")]
         out += [{**shared, "kind": "generate", "mode": mode, "name": f"{model}/generate/{mode}"} for mode in GEN_MODES]
     return out

@@ -22,6 +22,21 @@ from .spec import LayerSpec
 
 PATHS = ("auto", "bypass", "rebuild")
 
+_state_changes = 0
+
+
+def state_changes() -> int:
+    """A counter that moves whenever any adapter's strength, enabled flag or merge state changes.
+
+    Caches derived from those (pipelines' collapsed layers) compare one int per forward instead of
+    re-reading every layer; in-place edits of adapter parameters do not move it."""
+    return _state_changes
+
+
+def note_state_change() -> None:
+    global _state_changes
+    _state_changes += 1
+
 
 def _param_name(suffix: str) -> str:
     return suffix.replace(".", "_")
@@ -137,6 +152,24 @@ class LycoLayer(nn.Module):
         return (self.spec.out_features, 1, *rest) if axis == "output" else (1, self.spec.in_features, *rest)
 
     # ----- views -----------------------------------------------------------------------------------
+    @property
+    def strength(self) -> float:
+        return self._strength
+
+    @strength.setter
+    def strength(self, value: float) -> None:
+        self._strength = float(value)
+        note_state_change()
+
+    @property
+    def enabled(self) -> bool:
+        return self._enabled
+
+    @enabled.setter
+    def enabled(self, value: bool) -> None:
+        self._enabled = bool(value)
+        note_state_change()
+
     @property
     def algo(self) -> ModuleType:
         """The algorithm's module of pure functions (looked up by name so layers stay deep-copyable)."""
@@ -265,6 +298,7 @@ class LycoLayer(nn.Module):
         state.merged.append(self)
         base.__dict__[_MERGE_STATE] = state
         _write_merged(base, state)
+        note_state_change()
 
     @torch.no_grad()
     def unmerge(self) -> None:
@@ -279,6 +313,7 @@ class LycoLayer(nn.Module):
         else:
             base.weight.copy_(state.pristine)
             del base.__dict__[_MERGE_STATE]
+        note_state_change()
 
     def check_finite(self, delta: Tensor | None = None) -> None:
         tensors = {"ΔW": delta} if delta is not None else dict(self.tensors())

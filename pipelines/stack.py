@@ -26,11 +26,12 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from lyco import naming
 from lyco.format import AdapterFile, load_adapter_file, load_network, parse_adapter
 from lyco.format.hashes import file_model_hash
-from lyco.layer import LycoLayer
+from lyco.layer import LycoLayer, note_state_change, state_changes
 from lyco.network import LycoNetwork
 
 from . import block_weights as bw
@@ -123,8 +124,9 @@ class AdapterStack:
         self._originals_device = None if originals_device is None else torch.device(originals_device)
         self._originals: dict[Slot, Tensor] = {}
         self._swapped: dict[Slot, nn.Module] = {}
-        self._collapsed: dict[Slot, LycoLayer] = {}
-        self._collapsed_cache: dict[Slot, CollapsedLayer] = {}
+        # slot -> (parent module, attribute, its CollapsedLayer); the cache outlives inference blocks
+        self._collapsed: dict[Slot, tuple[nn.Module, str, CollapsedLayer]] = {}
+        self._collapsed_cache: dict[Slot, tuple[nn.Module, str, CollapsedLayer | None]] = {}
         self.collapse = collapse
 
     # ----- adding and removing ----------------------------------------------------------------------
@@ -376,7 +378,8 @@ class AdapterStack:
         """Inside the block, an unfused stack runs each adapted layer as ONE op with a cached
         ``W + sum(contributions)`` (fp32 sum, one cast: the fused numbers) instead of running every
         adapter beside it. A layer's cache is rebuilt on its next forward after any strength, enable or
-        adapter-parameter change; the base weights are never written. The caches (one weight copy per
+        merge change; adapter parameters edited in place are picked up when the next block starts.
+        The base weights are never written. The caches (one weight copy per
         adapted layer) are kept between blocks so that repeated generations do not rebuild them;
         `drop_inference_cache()` frees them. Nothing happens when fused or with `collapse=False`."""
         if self.fused or not self.collapse or self._collapsed:
@@ -393,19 +396,25 @@ class AdapterStack:
         self._collapsed_cache.clear()
 
     def _collapse(self) -> None:
-        for slot in self._slots_of(self._entries.values()):
-            top = _get(self.parts[slot[0]], slot[1])
-            if not isinstance(top, LycoLayer):
-                continue
-            cached = self._collapsed_cache.get(slot)
-            if cached is None or cached.chain is not top:
-                cached = self._collapsed_cache[slot] = CollapsedLayer(top)
-            self._collapsed[slot] = top
-            _set(self.parts[slot[0]], slot[1], cached)
+        if not self._collapsed_cache:
+            for slot in self._slots_of(self._entries.values()):
+                parent_path, _, attr = slot[1].rpartition(".")
+                parent = self.parts[slot[0]].get_submodule(parent_path) if parent_path else self.parts[slot[0]]
+                self._collapsed_cache[slot] = (parent, attr, None)
+        note_state_change()  # every collapsed layer re-reads its adapters once (parameters may have been edited)
+        for slot, (parent, attr, collapsed) in list(self._collapsed_cache.items()):
+            top = getattr(parent, attr)
+            if collapsed is None or collapsed.chain is not top:
+                if not isinstance(top, LycoLayer):
+                    continue
+                collapsed = CollapsedLayer(top)
+                self._collapsed_cache[slot] = (parent, attr, collapsed)
+            self._collapsed[slot] = (parent, attr, collapsed)
+            setattr(parent, attr, collapsed)
 
     def _uncollapse(self) -> None:
-        for slot, top in self._collapsed.items():
-            _set(self.parts[slot[0]], slot[1], top)
+        for parent, attr, collapsed in self._collapsed.values():
+            setattr(parent, attr, collapsed.chain)
         self._collapsed.clear()
 
     def _slots_of(self, entries: Any) -> list[Slot]:
@@ -482,39 +491,69 @@ def summed_weight(top: nn.Module) -> Tensor:
 class CollapsedLayer(nn.Module):
     """Runs a chain of LycoLayers as one op with a cached summed weight (see AdapterStack.inference).
 
-    Falls back to the chain itself whenever gradients can flow into an adapter or a layer is in training
-    mode, so training through it is exact."""
+    Falls back to the chain itself whenever gradients can flow into an adapter or it is in training
+    mode, so training through it is exact. The cache is re-checked only when `lyco.layer.state_changes()`
+    moved (a strength, enable or merge change anywhere, or a new inference block), so the per-forward
+    cost is one int comparison.
+
+    The chain is held, not registered as a child: diffusers walks every module of a pipeline on each
+    call, and nested adapters with their parameter dicts would multiply that walk. `.to()`/`.half()`
+    and `.train()` are passed on to the chain explicitly, so nothing it holds is left behind."""
 
     def __init__(self, chain: LycoLayer) -> None:
         super().__init__()
-        self.chain = chain
+        self.__dict__["chain"] = chain
         self._layers = _chain(chain)
-        self._base = naming.innermost_module(chain)
-        # Plain lists, so that the per-forward staleness check avoids nn.Module attribute lookups.
+        self.__dict__["_base"] = naming.innermost_module(chain)
+        self._is_linear = not self._layers[0].spec.is_conv
+        # Plain lists, so that the checks avoid nn.Module attribute lookups.
         self._tensors = [p for layer in self._layers for p in layer.adapter.values()]
         self._tensors += [layer.dora_scale for layer in self._layers if layer.dora_scale is not None]
+        self._checked_at: int | None = None
+        self._run_base = False
         self._key: tuple | None = None
         self._weight: Tensor | None = None
+        self.training = chain.training
+
+    def _apply(self, fn: Any, recurse: bool = True) -> "CollapsedLayer":
+        self.chain._apply(fn, recurse)
+        self._weight, self._key, self._checked_at = None, None, None
+        return super()._apply(fn, recurse)
+
+    def train(self, mode: bool = True) -> "CollapsedLayer":
+        self.chain.train(mode)
+        return super().train(mode)
 
     def _state(self) -> tuple:
         weight = self._base.weight
-        # A merge writes the weight (its version changes); enabled/strength are plain attributes.
+        # A merge writes the weight (its version changes); parameter edits change tensor versions.
         return (id(weight), weight._version, tuple(t._version for t in self._tensors),
                 tuple((layer.enabled, layer.strength) for layer in self._layers))
 
+    def _refresh(self) -> None:
+        # Nothing to add: the base module itself, so strength 0 is the base model bit for bit
+        # (a copied weight can take a different kernel path and differ in the last bit).
+        self._run_base = not any(layer.active for layer in self._layers)
+        if not self._run_base:
+            key = self._state()
+            if key != self._key:
+                self._weight, self._key = None, None
+                self._weight, self._key = summed_weight(self.chain), key
+        self._checked_at = state_changes()
+
+    def _runs_chain(self) -> bool:
+        return self.training or (torch.is_grad_enabled() and any(t.requires_grad for t in self._tensors))
+
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        layers = self._layers
-        if args or kwargs or any(layer.training for layer in layers) or (
-            torch.is_grad_enabled() and any(p.requires_grad for layer in layers for p in layer.adapter.values())
-        ):
+        if args or kwargs or self._runs_chain():
             return self.chain(x, *args, **kwargs)
-        if not any(layer.active for layer in layers):
-            # Nothing to add: the base module itself, so strength 0 is the base model bit for bit
-            # (a copied weight can take a different kernel path and differ in the last bit).
+        if self._checked_at != state_changes():
+            self._refresh()
+        if self._run_base:
             return self._base(x)
-        key = self._state()
-        if key != self._key:
-            self._weight, self._key = None, None
-            self._weight, self._key = summed_weight(self.chain), key
-        bias = self._base.bias
-        return layers[0].spec.apply(x, self._weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+        weight, bias = self._weight, self._base.bias
+        if weight.dtype != x.dtype:
+            weight, bias = weight.to(x.dtype), None if bias is None else bias.to(x.dtype)
+        if self._is_linear:
+            return F.linear(x, weight, bias)
+        return self._layers[0].spec.apply(x, weight, bias)

@@ -145,6 +145,35 @@ def test_strength_changes_apply_instantly_and_per_part(pipe, clean, files, stack
         assert close(outputs(pipe), outputs(reference(clean, files, {"loha": (0.9, 0.1)})))
 
 
+def test_collapsed_layers_follow_merges_train_and_to_and_read_parameter_edits_at_the_next_block(pipe, clean, files, stack):
+    at_03, at_06 = (outputs(reference(clean, files, {"lora": (s, s)})) for s in (0.3, 0.6))  # before: they set strengths
+    stack.add("lora", files["lora"], strength=0.3)
+    layers = list(stack.network("lora").layers.values())
+    unet_layers = [layer for _, layer in stack.network("lora").layers_of("unet")]
+    with stack.inference():
+        assert close(outputs(pipe), at_03)
+        for layer in layers:
+            layer.merge()  # the collapsed layers now run the merged base weight
+        assert close(outputs(pipe), at_03)
+        for layer in layers:
+            layer.unmerge()
+        assert close(outputs(pipe), at_03)
+        with torch.no_grad():
+            for layer in layers:
+                layer.adapter["lora_up_weight"].mul_(2.0)  # ΔW doubles: like strength 0.6
+        pipe.unet.train()  # passed on to the adapters held by the collapsed layers
+        assert all(layer.training for layer in unet_layers)
+        pipe.unet.eval()
+        pipe.unet.to(torch.float64)
+        assert all(p.dtype == torch.float64 for layer in unet_layers for p in layer.adapter.values())
+        pipe.unet.to(torch.float32)
+    with stack.inference():
+        assert close(outputs(pipe), at_06)
+    with torch.no_grad():
+        for layer in layers:
+            layer.adapter["lora_up_weight"].mul_(0.5)
+
+
 IN04_PREFIXES = ("down_blocks.1.resnets.0.", "down_blocks.1.attentions.0.")
 
 
