@@ -3,7 +3,8 @@
 It keeps the frozen layer as its `base` child and is the only place where
 `strength * alpha / rank * ΔW` is applied. Forward runs one of two paths:
 bypass (ΔW·x without building ΔW) or rebuild (one F.linear/F.conv2d with W + strength·s·ΔW,
-collapsing nested wrappers into a single op). Merge bakes the contribution into the base weight
+collapsing nested wrappers into a single op; when training, W + ΔW is built again in backward instead
+of being kept, see rebuild_op). Merge bakes the contribution into the base weight
 and unmerge restores the kept original bit-exactly.
 """
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Mapping
 import torch
 from torch import Tensor, nn
 
+from . import rebuild_op
 from .algos import get_algorithm
 from .dora import DORA_AXES, dora_axis_of, dora_weight, weight_norms
 from .spec import LayerSpec
@@ -245,21 +247,45 @@ class LycoLayer(nn.Module):
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         if not self.active or (self.training and self.module_dropout and torch.rand(()) < self.module_dropout):
             return self.base(x, *args, **kwargs)
-        params = {k: p.to(dtype=x.dtype) for k, p in self.tensors().items()}
-        keep = self._rank_keep_mask(x.device)
-        if keep is not None and hasattr(self.algo, "mask_rank"):
-            params, keep = self.algo.mask_rank(params, keep), None
+        rank_keep = self._rank_keep_mask(x.device)
+        params, keep = self._masked(self.tensors(), x.dtype, rank_keep)
         if self._use_bypass(x, params):
             adapter_in = nn.functional.dropout(x, self.dropout, training=True) if self._input_dropout() else x
             out = self.algo.bypass(adapter_in, params, self.spec) * (self.strength * self.scale * self._rank_scale())
             return self.base(x, *args, **kwargs) + _mask_channels(out, keep, self.spec)
-        delta = _mask_rows(self.contribution(dtype=x.dtype, params=params), keep) * self._rank_scale()
         if self._input_dropout():
+            delta = _mask_rows(self.contribution(dtype=x.dtype, params=params), keep) * self._rank_scale()
             adapter_in = nn.functional.dropout(x, self.dropout, training=True)
             return self.base(x, *args, **kwargs) + self.spec.apply(adapter_in, delta)
-        inner = self.base.effective_weight(dtype=x.dtype) if isinstance(self.base, LycoLayer) else self.base.weight.to(x.dtype)
         bias = self.innermost.bias
-        return self.spec.apply(x, inner + delta, None if bias is None else bias.to(x.dtype))
+        bias = None if bias is None else bias.to(x.dtype)
+        if self._rebuilds_in_backward():
+            return self._forward_rebuilt_in_backward(x, rank_keep, bias)
+        delta = _mask_rows(self.contribution(dtype=x.dtype, params=params), keep) * self._rank_scale()
+        inner = self.base.effective_weight(dtype=x.dtype) if isinstance(self.base, LycoLayer) else self.base.weight.to(x.dtype)
+        return self.spec.apply(x, inner + delta, bias)
+
+    def _masked(self, tensors: Mapping[str, Tensor], dtype: torch.dtype, rank_keep: Tensor | None) -> tuple[dict[str, Tensor], Tensor | None]:
+        """The tensors in `dtype` with rank dropout applied to the factors where the algorithm can,
+        and the output-row mask still to apply to ΔW where it cannot."""
+        params = {k: p.to(dtype=dtype) for k, p in tensors.items()}
+        if rank_keep is not None and hasattr(self.algo, "mask_rank"):
+            return self.algo.mask_rank(params, rank_keep), None
+        return params, rank_keep
+
+    def _rebuilds_in_backward(self) -> bool:
+        # DoRA and nested wrappers read tensors that are not this layer's factors: plain autograd.
+        return (torch.is_grad_enabled() and self.dora_scale is None and not isinstance(self.base, LycoLayer)
+                and rebuild_op.supports(self.spec) and any(p.requires_grad for p in self.adapter.values()))
+
+    def _forward_rebuilt_in_backward(self, x: Tensor, rank_keep: Tensor | None, bias: Tensor | None) -> Tensor:
+        keys, dtype, rank_scale = self.param_keys, x.dtype, self._rank_scale()
+
+        def build(base_weight: Tensor, *factors: Tensor) -> Tensor:
+            params, keep = self._masked(dict(zip(keys, factors)), dtype, rank_keep)
+            return base_weight.to(dtype) + _mask_rows(self.contribution(params=params), keep) * rank_scale
+
+        return rebuild_op.apply_rebuilt(x, build, [self.base.weight, *self.tensors().values()], self.spec, bias)
 
     def _input_dropout(self) -> bool:
         return self.training and self.dropout > 0

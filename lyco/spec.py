@@ -47,11 +47,14 @@ class LayerSpec:
         """The layer's own operation (F.linear or F.conv2d with its stride/padding/dilation)."""
         if not self.is_conv:
             return F.linear(x, weight, bias)
-        padding = self.padding
-        if self.padding_mode != "zeros":
-            x = F.pad(x, _reversed_padding(self.padding), mode=self.padding_mode)
-            padding = (0, 0)
+        x, padding = self.pad_input(x)
         return F.conv2d(x, weight, bias, self.stride, padding, self.dilation)
+
+    def pad_input(self, x: torch.Tensor) -> tuple[torch.Tensor, Padding]:
+        """A conv input padded for non-zero padding modes, and the padding left for F.conv2d itself."""
+        if self.padding_mode == "zeros":
+            return x, self.padding
+        return F.pad(x, _reversed_padding(self.padding), mode=self.padding_mode), (0, 0)
 
     def apply_pointwise(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """A 1x1 projection over channels (dim 1 for conv inputs, last dim for linear inputs)."""
