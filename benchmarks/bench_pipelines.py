@@ -27,7 +27,10 @@ so ratios use CPU seconds; with more threads they use wall seconds.
 - generate: base (no adapters), unfused (AdapterStack default: collapsed single-op layers inside
   generate()), per-forward (`collapse=False`: each adapter runs beside the frozen weight in every forward),
   fused; with 1 and 3 adapters. Times of `gen_reps` generate() calls (5 on tiny, 1 on sd15) after one
-  untimed warm-up generate(); the table shows the median over all rounds.
+  untimed warm-up generate(); the table shows the median over all rounds. "vs base" divides by the base
+  configuration's own processes; "vs paired base" by a second, adapter-free copy of the model loaded in
+  the same process and timed alternately with the adapted one (robust to other jobs' load; peak RSS
+  then includes both copies).
 """
 from __future__ import annotations
 
@@ -176,6 +179,9 @@ def generate_worker(payload: dict[str, Any]) -> dict[str, Any]:
     pipe, files = _load(payload), _adapter_files(payload)
     mode = payload["mode"]
     stack = None
+    # A second, untouched copy of the model, timed alternately with the adapted one in the same process:
+    # the ratio of the two cancels the load other jobs put on the machine.
+    plain = None if mode == "base" else _load(payload)
     if mode != "base":
         kind, count = mode.rsplit("-", 1)
         stack = AdapterStack(pipe, collapse=kind != "per-forward")
@@ -185,14 +191,19 @@ def generate_worker(payload: dict[str, Any]) -> dict[str, Any]:
             stack.fuse()
     size = payload["size"]
     warm = GenerationSettings(prompt="a red circle", seeds=(0,), steps=1, width=size, height=size)
-    generate(pipe, warm, stack=stack)
     settings = GenerationSettings(prompt="a red circle", seeds=(1,), steps=payload["steps"], width=size, height=size)
-    times = []
+    times: dict[str, list[dict[str, float]]] = {"generate": [], "generate-paired-base": []}
+    for model, model_stack in ((pipe, stack), (plain, None)):
+        if model is not None:
+            generate(model, warm, stack=model_stack)
     for _ in range(payload.get("gen_reps", 1)):
-        clock = Clock()
-        generate(pipe, settings, stack=stack)
-        times.append(clock.stop())
-    return {"times": {"generate": times}}
+        for key, model, model_stack in (("generate", pipe, stack), ("generate-paired-base", plain, None)):
+            if model is None:
+                continue
+            clock = Clock()
+            generate(model, settings, stack=model_stack)
+            times[key].append(clock.stop())
+    return {"times": times}
 
 
 def worker_main() -> None:
@@ -247,10 +258,12 @@ def render(data: dict[str, Any]) -> str:
         for mode in GEN_MODES:
             value = get(f"generate/{mode}", "generate")
             peaks = [r["peak_rss"] for r in data["runs"] if r.get("name") == f"{model}/generate/{mode}" and "peak_rss" in r]
+            paired = get(f"generate/{mode}", "generate-paired-base")
             rows.append([mode, _fmt_s(value), common.fmt_ratio(value / base if base and value else None),
+                         common.fmt_ratio(value / paired if paired and value else None),
                          common.fmt_bytes(max(peaks) if peaks else None)])
         lines += ["", f"**{model}** — generation ({MODELS[model]['size']} px, {data['steps'][model]} steps, CFG):", "",
-                  common.markdown_table(["mode", "time", "vs base", "peak RSS (GiB)"], rows)]
+                  common.markdown_table(["mode", "time", "vs base", "vs paired base", "peak RSS (GiB; two model copies except base)"], rows)]
         lyco_load, dif_load = get("ops-lyco", "load"), get("ops-diffusers", "load")
         ops = [
             ["load LoRA file", _fmt_s(lyco_load), _fmt_s(dif_load), common.fmt_ratio(lyco_load / dif_load if lyco_load and dif_load else None)],
