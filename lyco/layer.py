@@ -217,8 +217,10 @@ class LycoLayer(nn.Module):
         """The unscaled ΔW of the algorithm (FORMAT.md §2), in the layer's weight shape, fp32."""
         return self.algo.delta_weight(self.tensors(), self.spec)
 
-    def contribution(self, *, dtype: torch.dtype | None = None, params: Mapping[str, Tensor] | None = None) -> Tensor:
-        """What this adapter adds to the frozen weight at its strength: m·s·ΔW, or m·(DoRA(W+sΔW) − W)."""
+    def contribution(self, *, dtype: torch.dtype | None = None, params: Mapping[str, Tensor] | None = None,
+                     dora_scale: Tensor | None = None) -> Tensor:
+        """What this adapter adds to the frozen weight at its strength: m·s·ΔW, or m·(DoRA(W+sΔW) − W).
+        `params` / `dora_scale` stand in for the layer's own tensors (same shapes)."""
         params = self.tensors() if params is None else params
         if dtype is not None:
             params = {k: p.to(dtype) for k, p in params.items()}
@@ -226,7 +228,8 @@ class LycoLayer(nn.Module):
         if self.dora_scale is None:
             return delta * (self.strength * self.scale)
         weight = self.frozen_weight().to(device=delta.device, dtype=torch.float32)
-        decomposed = dora_weight(weight + delta.float() * self.scale, self.dora_scale, self.dora_axis)
+        magnitude = self.dora_scale if dora_scale is None else dora_scale
+        decomposed = dora_weight(weight + delta.float() * self.scale, magnitude, self.dora_axis)
         return ((decomposed - weight) * self.strength).to(delta.dtype)
 
     def effective_weight(self, *, dtype: torch.dtype | None = None) -> Tensor:
@@ -274,18 +277,21 @@ class LycoLayer(nn.Module):
         return params, rank_keep
 
     def _rebuilds_in_backward(self) -> bool:
-        # DoRA and nested wrappers read tensors that are not this layer's factors: plain autograd.
-        return (torch.is_grad_enabled() and self.dora_scale is None and not isinstance(self.base, LycoLayer)
-                and rebuild_op.supports(self.spec) and any(p.requires_grad for p in self.adapter.values()))
+        # Nested wrappers build their weight from tensors of other layers too: plain autograd there.
+        trained = any(p.requires_grad for p in self.adapter.values()) or (self.dora_scale is not None and self.dora_scale.requires_grad)
+        return torch.is_grad_enabled() and trained and not isinstance(self.base, LycoLayer) and rebuild_op.supports(self.spec)
 
     def _forward_rebuilt_in_backward(self, x: Tensor, rank_keep: Tensor | None, bias: Tensor | None) -> Tensor:
         keys, dtype, rank_scale = self.param_keys, x.dtype, self._rank_scale()
 
-        def build(base_weight: Tensor, *factors: Tensor) -> Tensor:
-            params, keep = self._masked(dict(zip(keys, factors)), dtype, rank_keep)
-            return base_weight.to(dtype) + _mask_rows(self.contribution(params=params), keep) * rank_scale
+        def build(base_weight: Tensor, *tensors: Tensor) -> Tensor:
+            params, keep = self._masked(dict(zip(keys, tensors)), dtype, rank_keep)
+            dora_scale = tensors[len(keys)] if len(tensors) > len(keys) else None
+            delta = self.contribution(params=params, dora_scale=dora_scale).to(dtype)
+            return base_weight.to(dtype) + _mask_rows(delta, keep) * rank_scale
 
-        return rebuild_op.apply_rebuilt(x, build, [self.base.weight, *self.tensors().values()], self.spec, bias)
+        tensors = [self.base.weight, *self.tensors().values()] + ([self.dora_scale] if self.dora_scale is not None else [])
+        return rebuild_op.apply_rebuilt(x, build, tensors, self.spec, bias)
 
     def _input_dropout(self) -> bool:
         return self.training and self.dropout > 0

@@ -92,7 +92,7 @@ def make_input(layer_id: str, gen: torch.Generator | None = None) -> torch.Tenso
 
 
 def has_bypass(v: Variant) -> bool:
-    return v.algo in ("lora", "lokr") and v.dora is None
+    return v.algo in ("lora", "loha", "lokr") and v.dora is None
 
 
 @torch.no_grad()

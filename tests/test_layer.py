@@ -282,9 +282,6 @@ def test_loha_backward_keeps_only_the_factors(use_tucker: bool) -> None:
     assert sum(saved) <= x.numel() * x.element_size(), sum(saved) / weight_bytes
 
 
-NON_DORA = [v for v in VARIANTS if v.dora is None]
-
-
 def _train_step(layer: LycoLayer, x: torch.Tensor, upstream: torch.Tensor) -> tuple[dict, int]:
     """Gradients of <layer(x), upstream> for x and every adapter tensor, and the bytes autograd saved
     beyond the layer's own parameters (saving those costs no memory)."""
@@ -302,7 +299,10 @@ def _train_step(layer: LycoLayer, x: torch.Tensor, upstream: torch.Tensor) -> tu
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = layer(x)
     (out * upstream).sum().backward()
-    return {"x": x.grad, **{k: p.grad.clone() for k, p in layer.adapter.items()}}, sum(saved)
+    grads = {"x": x.grad, **{k: p.grad.clone() for k, p in layer.adapter.items()}}
+    if layer.dora_scale is not None:
+        grads["dora_scale"] = layer.dora_scale.grad.clone()
+    return grads, sum(saved)
 
 
 REBUILD_CASES = [(layer_id, options) for layer_id in LAYERS for options in ({}, {"rank_dropout": 0.3}, {"padding_mode": "reflect"})
@@ -310,11 +310,11 @@ REBUILD_CASES = [(layer_id, options) for layer_id in LAYERS for options in ({}, 
 
 
 @pytest.mark.parametrize("layer_id,options", REBUILD_CASES, ids=[f"{lid}-{'-'.join(o) or 'plain'}" for lid, o in REBUILD_CASES])
-@pytest.mark.parametrize("variant", NON_DORA, ids=lambda v: v.id)
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: v.id)
 def test_training_rebuild_path_matches_autograd_and_keeps_no_weight_sized_tensor(variant: Variant, layer_id: str, options: dict, monkeypatch) -> None:
-    """The rebuild path used for training rebuilds W + ΔW in backward: its gradients (input and every
-    factor) equal plain autograd through the same forward, and what it keeps for backward is the input
-    and the factors, not the rebuilt weight."""
+    """The rebuild path used for training (DoRA's, and any layer with path="rebuild") rebuilds W + ΔW in
+    backward: its gradients (input, every factor, DoRA's magnitude) equal plain autograd through the same
+    forward, and what it keeps for backward is the input and the factors, not the rebuilt weight."""
     torch.manual_seed(12)
     base = LAYERS[layer_id]()
     if "padding_mode" in options:

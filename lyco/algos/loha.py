@@ -4,6 +4,8 @@ FORMAT.md §2.2. Keys: hada_w1_a, hada_w1_b, hada_w2_a, hada_w2_b, optional hada
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
@@ -77,3 +79,43 @@ def delta_weight(params: dict[str, Tensor], spec: LayerSpec) -> Tensor:
         # per layer (what makes LoHa on every conv of a UNet run out of memory).
         return checkpoint(_hadamard, params, spec, use_reentrant=False)
     return _hadamard(params, spec)
+
+
+def _pairwise_rows(a: Tensor, b: Tensor) -> Tensor:
+    """Row (r, s) = a[r] * b[s] for every pair, in r-major order: (r1 * r2, n) from (r1, n) and (r2, n)."""
+    return (a[:, None, :] * b[None, :, :]).reshape(a.shape[0] * b.shape[0], a.shape[1])
+
+
+def bypass(x: Tensor, params: dict[str, Tensor], spec: LayerSpec) -> Tensor:
+    """ΔW·x without building ΔW.
+
+    (A1 B1) ⊙ (A2 B2) = Σ_rs (A1[:, r] ⊙ A2[:, s]) (B1[r] ⊙ B2[s]): the Hadamard product of two rank-r
+    products is one product of rank r1·r2 with row-wise paired factors, so LoHa runs as a LoRA of that
+    rank (down with the layer's stride/padding, then a 1x1 up). In the Tucker form the pairing gives a
+    1x1 down, an (r1·r2)² k x k core and a 1x1 up. Training then never forms a weight-sized gradient."""
+    a1, b1, a2, b2 = (params[k] for k in REQUIRED_KEYS)
+    t1, t2 = params.get("hada_t1"), params.get("hada_t2")
+    if t1 is not None:  # a: (r, out), b: (r, in), t: (r, r, kh, kw); FORMAT.md §2.2
+        down = _pairwise_rows(b1, b2)
+        core = torch.einsum("ijkl,IJkl->iIjJkl", t1, t2).reshape(down.shape[0], down.shape[0], *t1.shape[2:])
+        up = _pairwise_rows(a1, a2).t()
+        return spec.apply_pointwise(spec.apply(spec.apply_pointwise(x, down), core), up)
+    down = _pairwise_rows(b1, b2)
+    if spec.is_conv:
+        down = down.reshape(down.shape[0], spec.in_features, *spec.kernel_size)
+    up = _pairwise_rows(a1.t(), a2.t()).t()
+    return spec.apply_pointwise(spec.apply(x, down), up)
+
+
+def bypass_cost(params: dict[str, Tensor], spec: LayerSpec) -> int:
+    """Multiply-adds per output position of bypass()."""
+    pairs = params["hada_w1_b"].shape[0] * params["hada_w2_b"].shape[0]
+    if "hada_t1" in params:
+        return pairs * (spec.in_features + spec.out_features + pairs * spec.kernel_numel)
+    return pairs * (params["hada_w1_b"].shape[1] + spec.out_features)
+
+
+def rebuild_cost(params: dict[str, Tensor], spec: LayerSpec) -> int:
+    """Multiply-adds to build ΔW once (two rank-r products and their Hadamard product)."""
+    weight = math.prod(spec.weight_shape)
+    return weight * (params["hada_w1_b"].shape[0] + params["hada_w2_b"].shape[0] + 1)
