@@ -312,8 +312,6 @@ def config_list(tools: tuple[str, ...], algos: tuple[str, ...], presets: tuple[s
     for preset in presets:
         for algo in algos:
             for tool in tools:
-                if tool == "lyco-bypass" and algo == "loha":
-                    continue  # lyco has no LoHa bypass
                 configs.append({"name": f"{preset}/{algo}/{tool}", "tool": tool, "preset": preset, "algo": algo})
     return configs
 
