@@ -254,7 +254,8 @@ class LycoLayer(nn.Module):
         params, keep = self._masked(self.tensors(), x.dtype, rank_keep)
         if self._use_bypass(x, params):
             adapter_in = nn.functional.dropout(x, self.dropout, training=True) if self._input_dropout() else x
-            out = self.algo.bypass(adapter_in, params, self.spec) * (self.strength * self.scale * self._rank_scale())
+            params = self._with_scale_folded(params, self.strength * self.scale * self._rank_scale())
+            out = self.algo.bypass(adapter_in, params, self.spec)
             return self.base(x, *args, **kwargs) + _mask_channels(out, keep, self.spec)
         if self._input_dropout():
             delta = _mask_rows(self.contribution(dtype=x.dtype, params=params), keep) * self._rank_scale()
@@ -275,6 +276,12 @@ class LycoLayer(nn.Module):
         if rank_keep is not None and hasattr(self.algo, "mask_rank"):
             return self.algo.mask_rank(params, rank_keep), None
         return params, rank_keep
+
+    def _with_scale_folded(self, params: dict[str, Tensor], scale: float) -> dict[str, Tensor]:
+        # ΔW is linear in its up factor: scaling that small tensor spares an output-sized multiply
+        # in forward and in backward.
+        key = next(k for k in self.algo.UP_KEYS if k in params)
+        return {**params, key: params[key] * scale}
 
     def _rebuilds_in_backward(self) -> bool:
         # Nested wrappers build their weight from tensors of other layers too: plain autograd there.
