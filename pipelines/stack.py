@@ -398,9 +398,7 @@ class AdapterStack:
     def _collapse(self) -> None:
         if not self._collapsed_cache:
             for slot in self._slots_of(self._entries.values()):
-                parent_path, _, attr = slot[1].rpartition(".")
-                parent = self.parts[slot[0]].get_submodule(parent_path) if parent_path else self.parts[slot[0]]
-                self._collapsed_cache[slot] = (parent, attr, None)
+                self._collapsed_cache[slot] = (*_parent(self.parts[slot[0]], slot[1]), None)
         note_state_change()  # every collapsed layer re-reads its adapters once (parameters may have been edited)
         for slot, (parent, attr, collapsed) in list(self._collapsed_cache.items()):
             top = getattr(parent, attr)
@@ -455,10 +453,14 @@ def _get(root: nn.Module, path: str) -> nn.Module:
     return root.get_submodule(path)
 
 
-def _set(root: nn.Module, path: str, module: nn.Module) -> None:
+def _parent(root: nn.Module, path: str) -> tuple[nn.Module, str]:
+    """The module holding `path`'s last component, and that component's attribute name."""
     parent_path, _, attr = path.rpartition(".")
-    parent = root.get_submodule(parent_path) if parent_path else root
-    setattr(parent, attr, module)
+    return (root.get_submodule(parent_path) if parent_path else root), attr
+
+
+def _set(root: nn.Module, path: str, module: nn.Module) -> None:
+    setattr(*_parent(root, path), module)
 
 
 def _chain(top: nn.Module) -> list[LycoLayer]:
