@@ -179,6 +179,32 @@ def render_concept(*, seed: int, background: str = "white", size: int = IMAGE_SI
     return _compose(bg, [(hexagon, light), (dark_mask, dark)], size)
 
 
+def render_colour_variety(*, seed: int, size: int = IMAGE_SIZE) -> Image.Image:
+    """A base shape in an arbitrary colour, striped half of the time, on an arbitrary grey.
+
+    Autoencoder training data only: a VAE that saw just the four base colours maps hues it never
+    saw onto them (it turned the teal concept on white into blue), and a real SD VAE reproduces any
+    colour. Uncaptioned; the UNet never trains on these."""
+    rng = random.Random(seed)
+    grey = rng.randint(5, 250)
+
+    def any_colour(value_low: float) -> tuple[int, int, int]:
+        rgb = colorsys.hsv_to_rgb(rng.random(), rng.uniform(0.3, 1.0), rng.uniform(value_low, 1.0))
+        return tuple(int(round(c * 255)) for c in rgb)  # type: ignore[return-value]
+
+    shape = _shape_mask(rng.choice(SHAPES), size, rng)
+    layers = [(shape, any_colour(0.3))]
+    if rng.random() < 0.5:
+        stripes = Image.fromarray(np.minimum(np.asarray(shape), np.asarray(_stripes(size, rng))), "L")
+        layers.append((stripes, any_colour(0.15)))
+    return _compose((grey, grey, grey), layers, size)
+
+
+def colour_variety_dataset(n_images: int, *, seed: int = 0, size: int = IMAGE_SIZE) -> list[Image.Image]:
+    """`n_images` of `render_colour_variety` (seeds disjoint from the base dataset's)."""
+    return [render_colour_variety(seed=(seed + 1) * 7_000_003 + i, size=size) for i in range(n_images)]
+
+
 # ---------------------------------------------------------------------------------------
 # Base dataset
 

@@ -131,3 +131,15 @@ def test_cli_concept_score_and_no_clobber(tmp_path, capsys):
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last.startswith("mean concept score") and float(last.split()[3]) > 0.8
     assert dataset_main(["base", "--out", str(tmp_path / "base"), "--n-images", "2"]) == 0
+
+
+def test_colour_variety_images_are_deterministic_and_leave_the_base_palette():
+    from pipelines.synthetic import colour_variety_dataset, render_colour_variety
+
+    a = np.asarray(render_colour_variety(seed=5))
+    assert a.shape == (64, 64, 3) and np.array_equal(a, np.asarray(render_colour_variety(seed=5)))
+    images = colour_variety_dataset(60, seed=0)
+    assert not any(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(images, colour_variety_dataset(60, seed=1)))
+    hues = {dominant_foreground_colour(im) for im in images}
+    # the base data has red, yellow and green and blue only; the VAE must also see the hues between
+    assert {"orange", "teal", "purple"} <= hues, hues
