@@ -35,3 +35,18 @@ def test_pretrain_few_steps_writes_loadable_pipeline(tmp_path, capsys):
     pipe.set_progress_bar_config(disable=True)
     image = pipe("a red circle", num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]
     assert image.size == (64, 64)
+
+
+def test_vae_foreground_mask_selects_saturated_shapes_not_grey_backgrounds():
+    from pipelines.builtin.pretrain import _foreground_mask, _images_to_tensor, _to_unit
+    from pipelines.synthetic import ShapeSpec, render_shape
+
+    grey = torch.full((1, 3, 8, 8), 0.3)
+    red = torch.tensor([1.0, -0.9, -0.9]).view(1, 3, 1, 1).expand(1, 3, 8, 8)
+    black_red = torch.tensor([-0.7, -1.0, -1.0]).view(1, 3, 1, 1).expand(1, 3, 8, 8)  # too dark to count
+    assert _foreground_mask(grey).sum() == 0
+    assert _foreground_mask(red).sum() == 64
+    assert _foreground_mask(black_red).sum() == 0
+    image = _to_unit(_images_to_tensor([render_shape(ShapeSpec("blue", "circle", "gray"), seed=1)]))
+    share = _foreground_mask(image).mean().item()
+    assert 0.02 < share < 0.6

@@ -5,8 +5,10 @@
 Three phases, all deterministic from --seed:
 
 1. render the captioned dataset (`pipelines.synthetic.base_dataset`, balanced attributes);
-2. train the AutoencoderKL (L1 reconstruction + a small KL term), encode the whole dataset once
-   and set the VAE's scaling_factor to 1 / std of the latents;
+2. train the AutoencoderKL on the base images and as many shapes in arbitrary colours
+   (`colour_variety_dataset`), L1 + MSE reconstruction with the saturated (shape) pixels weighted
+   up, plus a small KL term; encode the whole base dataset once and set the VAE's scaling_factor
+   to 1 / std of the latents;
 3. train the UNet and the CLIP text encoder jointly on the cached latents: epsilon prediction,
    min-SNR-5 loss weighting times v-prediction's weighting (1 + 1/SNR, capped at 20: the
    prompt's colour is decided at high noise, where a plain epsilon loss hardly sees the image;
@@ -43,7 +45,7 @@ from diffusers import AutoencoderKL, StableDiffusionPipeline
 from pipelines.builtin.architectures import build_pipeline, save_pipeline
 from pipelines.builtin.quality import colour_hit_rate
 from pipelines.builtin.tokenizer import EOS
-from pipelines.synthetic import ShapeSpec, base_dataset, caption_variants
+from pipelines.synthetic import ShapeSpec, base_dataset, caption_variants, colour_variety_dataset
 
 
 @dataclass(frozen=True)
@@ -51,10 +53,11 @@ class PretrainConfig:
     out: str
     seed: int = 0
     n_images: int = 7_200
-    vae_steps: int = 800
+    vae_steps: int = 3_000
     vae_batch: int = 16
     vae_lr: float = 2e-3
     kl_weight: float = 1e-4
+    vae_foreground_weight: float = 5.0
     unet_steps: int = 3_000
     unet_batch: int = 32
     unet_lr: float = 1e-3
@@ -103,19 +106,45 @@ class _Clock:
         return self.deadline is not None and time.monotonic() > self.deadline
 
 
-def train_vae(vae: AutoencoderKL, images: torch.Tensor, cfg: PretrainConfig, *, steps: int, log: Callable[[str], None]) -> None:
+def _foreground_mask(x: torch.Tensor) -> torch.Tensor:
+    """1 where a pixel (in [-1, 1]) is saturated and not dark: the shapes, not the grey backgrounds."""
+    unit = (x + 1) / 2
+    brightest = unit.max(dim=1, keepdim=True).values
+    darkest = unit.min(dim=1, keepdim=True).values
+    saturation = (brightest - darkest) / brightest.clamp_min(1e-3)
+    return ((saturation > 0.3) & (brightest > 0.2)).float()
+
+
+def train_vae(
+    vae: AutoencoderKL,
+    images: torch.Tensor,
+    variety: torch.Tensor,
+    cfg: PretrainConfig,
+    *,
+    steps: int,
+    log: Callable[[str], None],
+) -> None:
+    """Half of each batch from the base `images`, half from `variety` (shapes in any colour).
+
+    The reconstruction loss weighs the saturated pixels (1 + vae_foreground_weight) times: the
+    shapes cover a tenth of an image, and with an unweighted loss the decoder settled on the
+    nearest base colour for any hue it had not seen (the concept's teal came back blue)."""
     generator = torch.Generator().manual_seed(cfg.seed + 1)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(steps, min(100, steps)))
+    half = cfg.vae_batch // 2
     vae.train()
     started = time.monotonic()
     for step in range(steps):
-        idx = torch.randint(0, images.shape[0], (cfg.vae_batch,), generator=generator)
-        x = _to_unit(images[idx])
+        base_idx = torch.randint(0, images.shape[0], (half,), generator=generator)
+        variety_idx = torch.randint(0, variety.shape[0], (cfg.vae_batch - half,), generator=generator)
+        x = _to_unit(torch.cat([images[base_idx], variety[variety_idx]]))
         posterior = vae.encode(x).latent_dist
         z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
         recon = vae.decode(z).sample
-        rec_loss = F.l1_loss(recon, x) + F.mse_loss(recon, x)
+        weight = 1 + cfg.vae_foreground_weight * _foreground_mask(x)
+        error = recon - x
+        rec_loss = ((error.abs() + error**2) * weight).mean() / weight.mean()
         kl = posterior.kl().mean() / z[0].numel()
         loss = rec_loss + cfg.kl_weight * kl
         loss.backward()
@@ -264,7 +293,10 @@ def pretrain(cfg: PretrainConfig, *, log: Callable[[str], None] = print) -> Path
         pipe.vae.eval()
         log(f"vae loaded from {cfg.vae_from}")
     else:
-        train_vae(pipe.vae, pixels, cfg, steps=cfg.vae_steps, log=log)
+        variety = _images_to_tensor(colour_variety_dataset(cfg.n_images, seed=cfg.seed))
+        log(f"rendered {variety.shape[0]} colour-variety images for the VAE ({clock.elapsed():.0f}s)")
+        train_vae(pipe.vae, pixels, variety, cfg, steps=cfg.vae_steps, log=log)
+        del variety
     if cfg.save_vae:
         pipe.vae.save_pretrained(cfg.save_vae)
     mean, std = encode_dataset(pipe.vae, pixels)
