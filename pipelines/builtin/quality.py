@@ -59,3 +59,16 @@ def colour_hit_rate(
     expected = tuple(spec.colour for _, spec in items)
     hits = sum(want == got for want, got in zip(expected, found))
     return ColourReport(hits / len(items), tuple(t for t, _ in items), expected, tuple(found))
+
+
+@torch.no_grad()
+def vae_round_trip(vae: Any, images: Sequence[Any]) -> list[Any]:
+    """Encode (posterior mean) and decode `images` (PIL or HxWx3 uint8); returns uint8 arrays.
+
+    What the autoencoder cannot carry, nothing trained on its latents can draw."""
+    import numpy as np
+
+    pixels = torch.stack([torch.from_numpy(np.asarray(im, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1) for im in images])
+    pixels = pixels.to(device=vae.device, dtype=vae.dtype)
+    decoded = vae.decode(vae.encode(pixels).latent_dist.mean).sample.float().cpu()
+    return [((d.permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).round().byte().numpy() for d in decoded]
