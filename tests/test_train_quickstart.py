@@ -4,9 +4,8 @@ the synthetic concept with LoRA, LoHa and LoKr.
 Checked per algorithm: the loss goes down; the file loads in lyco (strict) and in lycoris-lora (same
 UNet output); images generated through `pipelines.generate` with the adapter show the concept clearly
 more than the base model's (concept checker), strength 0 gives exactly the base model's images, and at
-strength 0.5 the mean score lies between the two. (Issue 5 asks for the concept in >= 80% of samples;
-measured 58% LoRA, 50% LoHa, 33% LoKr with this config: not met, so not asserted. The ceiling is the
-tiny VAE, which turns the teal concept blue on white backgrounds: pipelines/builtin/README.md.)
+strength 0.5 the mean score lies between the two, and at strength 1 at least 80% of the samples show the
+concept (score >= 0.5). LoKr runs with the higher learning rate the config's header recommends for it.
 """
 from __future__ import annotations
 
@@ -33,6 +32,7 @@ PROMPTS = (f"a photo of {CONCEPT_TRIGGER}", f"{CONCEPT_TRIGGER} on a white backg
            f"a picture of {CONCEPT_TRIGGER}, gray background")
 SEEDS = tuple(range(100, 103))  # 4 prompts x 3 seeds = 12 samples per strength
 SHOWS_CONCEPT = 0.5  # every rendered concept image scores above this, base-model images near 0 (test_synthetic)
+LEARNING_RATE = {"lokr": 1e-2}  # configs/quickstart.toml's header
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +43,7 @@ def trained(tmp_path_factory) -> dict[str, Path]:
     try:
         for algo in ALGOS:
             sets = [f"dataset.train_data_dir='{root / 'data'}'", f"saving.output_dir='{root / algo}'", f"network.algo='{algo}'"]
+            sets += [f"optimizer.learning_rate={LEARNING_RATE[algo]}"] if algo in LEARNING_RATE else []
             args = ["--config", str(REPO / "configs" / "quickstart.toml")] + [a for s in sets for a in ("--set", s)]
             if algo == "lora":
                 command = [shutil.which("lyco-train")] if shutil.which("lyco-train") else [PYTHON, "-m", "trainers.cli"]
@@ -129,7 +130,9 @@ def test_concept_shows_and_strength_scales_it(trained, algo, pipe, base_images):
     finally:
         stack.clear()
     base = concept_scores(base_images)
-    assert max(base) < SHOWS_CONCEPT and np.mean(full) > 0.1 + np.mean(base), f"{algo}: scores {np.round(full, 2)}"
+    assert max(base) < SHOWS_CONCEPT, f"base model: scores {np.round(base, 2)}"
+    shown = np.mean(np.asarray(full) >= SHOWS_CONCEPT)
+    assert shown >= 0.8, f"{algo}: concept in {shown:.0%} of samples; scores {np.round(full, 2)}"
     for a, b in zip(zero_images, base_images):
         assert np.array_equal(np.asarray(a), np.asarray(b)), "strength 0 must reproduce the base images exactly"
     assert np.mean(base) < np.mean(half) < np.mean(full), f"{algo}: base {np.mean(base):.2f} half {np.mean(half):.2f} full {np.mean(full):.2f}"
