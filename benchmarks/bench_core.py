@@ -37,10 +37,11 @@ import hashlib
 import json
 import math
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Optional
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -246,6 +247,7 @@ def run_config(payload: dict[str, Any]) -> dict[str, Any]:
         net, params, modules = attach_lycoris(unet, preset, algo, tool == "lycoris-bypass", payload["workdir"])
     elif tool != "floor":
         raise ValueError(f"unknown tool {tool!r}")
+    switch = adapter_switch(tool, net, unet)
     result["attach_s"] = time.perf_counter() - t0
     if "lyco" in sys.modules:
         result["lyco_file"] = sys.modules["lyco"].__file__
@@ -292,8 +294,103 @@ def run_config(payload: dict[str, Any]) -> dict[str, Any]:
     result["loss_first"], result["loss_last"] = (losses[0], losses[-1]) if losses else (None, None)
     result["loss_finite"] = all(math.isfinite(v) for v in losses)
     result.update(common.memory_snapshot())
+    if payload.get("module_reps") and switch is not None:
+        inputs = record_module_inputs(unet, set(normed), lambda: unet(latents, timestep, encoder_hidden_states=context))
+        clear_grads = (lambda: optimizer.zero_grad(set_to_none=True)) if optimizer is not None else (lambda: None)
+        result["module_timing"] = time_modules(inputs, switch, clear_grads, payload["module_reps"])
     result["load_end"] = common.load_average()
     return result
+
+
+def adapter_switch(tool: str, net, unet) -> Optional[Callable[[bool], None]]:
+    """A function turning every adapter of the tool off (the frozen UNet alone runs) and on again."""
+    if tool in ("lyco", "lyco-rebuild", "lyco-bypass", "lyco-alt"):
+        layers = list(net.layers.values())
+
+        def switch(on: bool) -> None:
+            for layer in layers:
+                layer.enabled = on
+    elif tool == "peft":
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        tuner_layers = [m for m in unet.modules() if isinstance(m, BaseTunerLayer)]
+
+        def switch(on: bool) -> None:
+            for layer in tuner_layers:
+                layer.enable_adapters(on)
+    elif tool in ("lycoris", "lycoris-bypass"):
+        # lycoris hooks by replacing `forward` on the wrapped module; swap the two bound methods
+        hooked = [(lora.org_module[0], lora.forward, lora.org_forward) for lora in net.loras]
+
+        def switch(on: bool) -> None:
+            for module, adapted, original in hooked:
+                module.forward = adapted if on else original
+    else:
+        return None
+    return switch
+
+
+def record_module_inputs(unet, module_set: set[str], forward: Callable[[], Any]) -> list[tuple[str, Any, Any]]:
+    """(path, module, input) of every adapted module, the input captured during one UNet forward."""
+    import torch
+
+    targets = [(name, m) for name, m in unet.named_modules() if _norm(name) in module_set]
+    captured: dict[str, Any] = {}
+
+    def keep_input(name: str) -> Callable[..., None]:
+        def hook(module, args, output) -> None:  # returning None keeps the module's output
+            captured.setdefault(name, args[0].detach().clone())
+
+        return hook
+
+    hooks = [m.register_forward_hook(keep_input(name)) for name, m in targets]
+    try:
+        with torch.no_grad():
+            forward()
+    finally:
+        for h in hooks:
+            h.remove()
+    return [(name, m, captured[name]) for name, m in targets if name in captured]
+
+
+def time_modules(inputs, switch: Callable[[bool], None], clear_grads: Callable[[], None], reps: int) -> dict[str, Any]:
+    """CPU seconds of forward + backward (to the input and the adapter) of every adapted module on
+    its recorded input, adapters on and off, `reps` calls each way twice (on, off, off, on).
+
+    The sum over modules of median(on) − median(off) is the adapters' cost per training step
+    without the optimizer, resolved far below the step-to-step noise of whole-UNet timings."""
+    import torch
+
+    def timed(module, x, grad_out) -> float:
+        c0 = time.process_time()
+        module(x).backward(grad_out)
+        c1 = time.process_time()
+        x.grad = None
+        clear_grads()
+        return c1 - c0
+
+    per_module = []
+    for name, module, recorded in inputs:
+        x = recorded.requires_grad_(True)
+        with torch.no_grad():
+            grad_out = torch.randn_like(module(x))
+        on: list[float] = []
+        off: list[float] = []
+        for phase in (True, False, False, True):
+            switch(phase)
+            timed(module, x, grad_out)  # untimed: the first call after a switch
+            (on if phase else off).extend(timed(module, x, grad_out) for _ in range(reps))
+        switch(True)
+        on_s, off_s = common.summarize(on)["median"], common.summarize(off)["median"]
+        per_module.append({"module": name, "shape": list(x.shape), "on_s": on_s, "off_s": off_s})
+    return {
+        "reps": reps,
+        "modules": len(per_module),
+        "on_s": sum(m["on_s"] for m in per_module),
+        "off_s": sum(m["off_s"] for m in per_module),
+        "overhead_s": sum(m["on_s"] - m["off_s"] for m in per_module),
+        "per_module": per_module,
+    }
 
 
 def worker_main() -> None:
@@ -342,6 +439,12 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "loss_finite": all(r["loss_finite"] for r in runs),
         "attach_s": [r["attach_s"] for r in runs],
         "load": [r.get("load_start") for r in runs],
+        "module_overhead_s": (
+            statistics.median(r["module_timing"]["overhead_s"] for r in runs) if all("module_timing" in r for r in runs) else None
+        ),
+        "module_off_s": (
+            statistics.median(r["module_timing"]["off_s"] for r in runs) if all("module_timing" in r for r in runs) else None
+        ),
     }
 
 
@@ -376,6 +479,7 @@ def analyse(agg: dict[str, dict[str, Any]], metric: str) -> dict[str, Any]:
                         p["lyco_overhead_ratio"] = lyco["overhead_s"] / p["overhead_s"] if p["overhead_s"] > 0 else None
                         p["lyco_rss_diff"] = rss_diffs[t]
                 lyco["overhead_ratio_vs_best_peer"] = overhead_ratio
+                module_verdict = _module_verdict(lyco, peers)
                 verdicts.append(
                     {
                         "preset": preset,
@@ -390,9 +494,28 @@ def analyse(agg: dict[str, dict[str, Any]], metric: str) -> dict[str, Any]:
                         "never_slower": all(r <= 1.0 for r in time_ratios.values()),
                         "rss_diff_vs_peers": rss_diffs,
                         "memory_target_met": all(d <= 0 for d in rss_diffs.values()),
+                        **module_verdict,
                     }
                 )
     return {"metric": metric, "floor_s": floor, "floor_peak_rss": floor_rss, "verdicts": verdicts}
+
+
+def _module_verdict(lyco: dict[str, Any], peers: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The overhead targets on the module-level overheads (`--module-reps`), when every tool has them.
+    The frozen layers are the same in every tool, so "lyco time ≤ peer time" is "lyco overhead ≤ peer's"."""
+    overheads = {t: p.get("module_overhead_s") for t, p in peers.items()}
+    ours = lyco.get("module_overhead_s")
+    if ours is None or any(v is None for v in overheads.values()):
+        return {}
+    best = min(overheads, key=overheads.get)
+    return {
+        "module_lyco_overhead_s": ours,
+        "module_best_peer": best,
+        "module_best_peer_overhead_s": overheads[best],
+        "module_overhead_ratio": ours / overheads[best] if overheads[best] > 0 else None,
+        "module_overhead_target_met": ours <= 0.5 * overheads[best],
+        "module_never_slower": all(ours <= v for v in overheads.values()),
+    }
 
 
 def _yes(ok: bool) -> str:
@@ -418,6 +541,9 @@ def render_tables(agg: dict[str, dict[str, Any]], analysis: dict[str, Any]) -> s
         "algo", "tool", "params", f"{metric} s median", "p25–p75", "wall s", "CPU s", "fwd / bwd / opt (wall s)",
         "× floor", "overhead s", "lyco overhead ÷ this", "lyco time ÷ this", "peak RSS GiB", "RSS − floor GiB",
     ]
+    show_modules = any(a.get("module_overhead_s") is not None for a in agg.values())
+    if show_modules:
+        headers.append("module overhead s (of frozen-layer s)")
     for preset, p in PRESETS.items():
         rows = []
         for algo in ALGOS:
@@ -450,6 +576,9 @@ def render_tables(agg: dict[str, dict[str, Any]], analysis: dict[str, Any]) -> s
                         f"{a['rss_over_floor'] / common.GIB:+.2f}",
                     ]
                 )
+                if show_modules:
+                    ov, off = a.get("module_overhead_s"), a.get("module_off_s")
+                    rows[-1].append(f"{ov:+.3f} (of {off:.2f})" if ov is not None else "")
         if rows:
             lines.append(f"**{preset}** (rank {p['rank']}, alpha {p['alpha']:g}, {p['expected_modules']} modules in every tool, lyco preset `{p['lyco_preset']}`)")
             lines.append("")
@@ -469,6 +598,29 @@ def render_tables(agg: dict[str, dict[str, Any]], analysis: dict[str, Any]) -> s
                     f"{max(v['rss_diff_vs_peers'].values()) / common.GIB:+.2f} {_yes(v['memory_target_met'])}",
                 ]
             )
+        module_rows = [
+            [
+                f"{v['preset']}/{v['algo']}" + (" (lyco-alt)" if v["candidate"] != "lyco" else ""),
+                f"{v['module_lyco_overhead_s']:+.3f}",
+                f"{v['module_best_peer']} {v['module_best_peer_overhead_s']:+.3f}",
+                f"{common.fmt_ratio(v['module_overhead_ratio']) if v['module_overhead_ratio'] is not None else 'n/a'} {_yes(v['module_overhead_target_met'])}",
+                _yes(v["module_never_slower"]),
+            ]
+            for v in analysis["verdicts"] if "module_lyco_overhead_s" in v
+        ]
+        if module_rows:
+            lines.append(
+                "Targets on the module-level overheads (per adapted module: median CPU s of forward + backward with the "
+                "adapters on − off, summed over the modules; no optimizer):"
+            )
+            lines.append("")
+            lines.append(
+                common.markdown_table(
+                    ["preset/algo", "lyco module overhead s", "best peer, its module overhead s", "overhead ratio ≤ 0.50", "lyco overhead ≤ every peer's"],
+                    module_rows,
+                )
+            )
+            lines.append("")
         lines.append("Targets (lyco overhead ≤ 0.5 × best peer's; lyco time ≤ every peer's; lyco peak RSS ≤ every peer's):")
         lines.append("")
         lines.append(
@@ -525,6 +677,7 @@ def parent_main(args: argparse.Namespace) -> int:
             "threads": args.threads,
             "workdir": str(workdir),
             "alt_lyco": args.alt_lyco,
+            "module_reps": args.module_reps,
         }
         log_path = workdir / (config["name"].replace("/", "_") + ".log")
         try:
@@ -540,7 +693,7 @@ def parent_main(args: argparse.Namespace) -> int:
             partial_path,
             {
                 "benchmark": "core", "run_id": run_id, "date": common.today(), "quick": args.quick, "partial": True,
-                "settings": {"warmup": args.warmup, "steps_per_round": steps_per_round, "rounds": args.rounds, "threads": args.threads or os.cpu_count()},
+                "settings": {"warmup": args.warmup, "steps_per_round": steps_per_round, "rounds": args.rounds, "threads": args.threads or os.cpu_count(), "module_reps": args.module_reps},
                 "machine": info, "failures": failures, "raw": {k: v for k, v in runs.items() if v},
             },
         )
@@ -593,6 +746,7 @@ def finish(
         "settings": {
             "latents": LATENT_SHAPE, "context": CONTEXT_SHAPE, "timestep": TIMESTEP, "dtype": "float32", "device": "cpu",
             "warmup": args.warmup, "steps_per_round": steps_per_round, "rounds": args.rounds, "threads": args.threads or os.cpu_count(),
+            "module_reps": args.module_reps,
             "presets": PRESETS, "peft_targets": PEFT_TARGETS, "lycoris_presets": LYCORIS_PRESETS, "zero_factor_std": ZERO_FACTOR_STD,
             "optimizer": "torch.optim.AdamW(lr=1e-5), zero_grad(set_to_none=True)",
         },
@@ -661,6 +815,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--primary", choices=("auto", "wall", "cpu"), default="auto",
                         help="metric for ratios: wall-clock or process CPU seconds per step; auto = cpu with --threads 1, else wall")
     parser.add_argument("--alt-lyco", default=None, help="directory holding an alternative `lyco` package: adds the `lyco-alt` tool")
+    parser.add_argument("--module-reps", type=int, default=0,
+                        help="also time every adapted module alone, adapters on and off, N calls each way twice (0 = off)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache-dir", default=os.environ.get("LYCO_BENCH_CACHE", "/tmp/lyco_bench_cache"), help="UNet weight cache and logs")
     parser.add_argument("--max-load", type=float, default=None, help="before each worker, wait until the 1-min load average is below this")
