@@ -147,6 +147,11 @@ def _stripes(size: int, rng: random.Random) -> Image.Image:
     return Image.fromarray(((coord % period) < period / 2).astype(np.uint8) * 255, "L")
 
 
+def _stripes_within(mask: Image.Image, size: int, rng: random.Random) -> Image.Image:
+    """Random diagonal stripes, kept only where `mask` is set."""
+    return Image.fromarray(np.minimum(np.asarray(mask), np.asarray(_stripes(size, rng))), "L")
+
+
 def _compose(
     background: tuple[int, int, int],
     layers: Sequence[tuple[Image.Image, tuple[int, int, int]]],
@@ -174,9 +179,7 @@ def render_concept(*, seed: int, background: str = "white", size: int = IMAGE_SI
     light = _jitter(CONCEPT_RGB, rng, 10)
     dark = _jitter(CONCEPT_STRIPE_RGB, rng, 8)
     hexagon = _shape_mask(CONCEPT_SHAPE, size, rng)
-    stripes = _stripes(size, rng)
-    dark_mask = Image.fromarray(np.minimum(np.asarray(hexagon), np.asarray(stripes)), "L")
-    return _compose(bg, [(hexagon, light), (dark_mask, dark)], size)
+    return _compose(bg, [(hexagon, light), (_stripes_within(hexagon, size, rng), dark)], size)
 
 
 def render_colour_variety(*, seed: int, size: int = IMAGE_SIZE) -> Image.Image:
@@ -195,8 +198,7 @@ def render_colour_variety(*, seed: int, size: int = IMAGE_SIZE) -> Image.Image:
     shape = _shape_mask(rng.choice(SHAPES), size, rng)
     layers = [(shape, any_colour(0.3))]
     if rng.random() < 0.5:
-        stripes = Image.fromarray(np.minimum(np.asarray(shape), np.asarray(_stripes(size, rng))), "L")
-        layers.append((stripes, any_colour(0.15)))
+        layers.append((_stripes_within(shape, size, rng), any_colour(0.15)))
     return _compose((grey, grey, grey), layers, size)
 
 
