@@ -37,7 +37,7 @@ class _RebuiltWeightOp(torch.autograd.Function):
     def forward(ctx, x: Tensor, bias: Tensor | None, build: WeightBuilder, spec: LayerSpec, padding: tuple[int, int] | None, *tensors: Tensor) -> Tensor:
         # The weight is built without autocast (full precision, one cast), in forward and in backward
         # alike; the op itself runs in the autocast dtype, as F.linear/F.conv2d would.
-        compute = _autocast_dtype(x.device.type) or x.dtype
+        compute = autocast_dtype(x.device.type) or x.dtype
         with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
             weight = build(*tensors).to(compute)
         ctx.build, ctx.spec, ctx.padding, ctx.has_bias, ctx.input_dtype = build, spec, padding, bias is not None, x.dtype
@@ -63,7 +63,8 @@ class _RebuiltWeightOp(torch.autograd.Function):
         return (grad_x, grad_bias, None, None, None, *grads)
 
 
-def _autocast_dtype(device_type: str) -> torch.dtype | None:
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast runs matmuls in on this device, or None when autocast is off."""
     try:
         enabled = torch.is_autocast_enabled(device_type)
     except (RuntimeError, TypeError):  # a device type without autocast support

@@ -365,6 +365,103 @@ def test_training_rebuild_path_under_autocast_matches_autograd(variant_id: str, 
         assert grads[key].dtype == torch.float32 and rel_err(grads[key], grad) < 3e-2, key
 
 
+# ----- 7b. the training bypass path of a Linear layer: gradients against the explicit formula --------------
+LINEAR_BYPASS = [v for v in VARIANTS if has_bypass(v) and "use_tucker" not in v.options]
+# The LoKr variants whose w2 is cheap enough to apply as one matrix run as a single fused autograd node.
+FUSED = {"lora", "lora_rs", "lokr", "lokr_full_matrix", "lokr_unbalanced_r2"}
+
+
+def _reference_loss(variant: Variant, layer: LycoLayer, x: torch.Tensor, upstream: torch.Tensor) -> float:
+    weight = reference_weight(variant, layer, layer.base.weight, STRENGTH)
+    return float((apply_base(layer.base, x, weight) * upstream.double()).sum())
+
+
+@pytest.mark.parametrize("x_needs_grad", [True, False], ids=["x-grad", "x-frozen"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("variant", LINEAR_BYPASS, ids=lambda v: v.id)
+def test_linear_training_bypass_gradients_match_the_formula(variant: Variant, bias: bool, x_needs_grad: bool) -> None:
+    """Input and factor gradients of the bypass path (one fused node for LoRA and most LoKr shapes) equal
+    those of <F.linear(x, W + m·s·ΔW), upstream> with ΔW from the FORMAT.md reference: the input gradient
+    directly, each factor's gradient along a random direction as a difference quotient. ΔW is linear in
+    each single tensor, so that quotient is exact for any step; a large step keeps float32 rounding of
+    the perturbed parameter out of it."""
+    torch.manual_seed(14)
+    base = nn.Linear(64, 96, bias=bias).requires_grad_(False)
+    layer = variant.create(base, path="bypass")
+    randomize(layer)
+    x = make_input("linear").requires_grad_(x_needs_grad)
+    upstream = torch.randn(2, 3, 96)
+    out = layer(x)
+    assert (type(out.grad_fn).__name__ == "_LowRankLinearBackward" if variant.algo == "lora" else
+            type(out.grad_fn).__name__ == "_KroneckerLinearBackward") == (variant.id in FUSED)
+    (out * upstream).sum().backward()
+    weight = reference_weight(variant, layer, base.weight, STRENGTH)
+    if x_needs_grad:
+        assert rel_err(x.grad, upstream.double() @ weight) < TOL
+    eps = 0.5
+    for key, param in layer.adapter.items():
+        direction = torch.randn_like(param, dtype=torch.float64)
+        original = param.detach().clone()
+        losses = []
+        with torch.no_grad():
+            for sign in (1, -1):
+                param.copy_(original + sign * eps * direction.float())
+                losses.append(_reference_loss(variant, layer, x.detach(), upstream))
+            param.copy_(original)
+        expected = (losses[0] - losses[1]) / (2 * eps)
+        measured = float((param.grad.double() * direction.float().double()).sum())
+        assert abs(measured - expected) <= 1e-4 * max(1.0, abs(expected)), key
+
+
+@pytest.mark.parametrize("variant_id", ["lora", "lokr"])
+def test_fused_linear_under_autocast_runs_in_bf16_and_keeps_gradient_dtypes(variant_id: str) -> None:
+    torch.manual_seed(15)
+    variant = VARIANT_BY_ID[variant_id]
+    layer = variant.create(nn.Linear(64, 96).requires_grad_(False), path="bypass")
+    randomize(layer)
+    x = make_input("linear").requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    upstream = torch.randn(2, 3, 96)
+    (out.float() * upstream).sum().backward()
+    weight = reference_weight(variant, layer, layer.base.weight, STRENGTH)
+    assert out.dtype == torch.bfloat16 and x.grad.dtype == torch.float32
+    assert rel_err(out, apply_base(layer.base, x, weight)) < 2e-2
+    assert rel_err(x.grad, upstream.double() @ weight) < 3e-2
+    assert all(p.grad.dtype == torch.float32 and p.grad.abs().max() > 0 for p in layer.adapter.values())
+
+
+def test_fused_linear_keeps_the_input_and_a_rank_sized_tensor_for_backward() -> None:
+    """What the fused LoRA node keeps beyond the parameters: the input (which the base op keeps anyway)
+    and the (positions, rank) hidden activations, nothing output-sized."""
+    layer = VARIANT_BY_ID["lora"].create(nn.Linear(64, 96).requires_grad_(False), path="bypass")
+    randomize(layer)
+    x = make_input("linear").requires_grad_(True)
+    saved, own = [], {p.data_ptr() for p in layer.parameters()}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.data_ptr() not in own:
+            saved.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        layer(x).sum().backward()
+    assert sum(saved) == x.numel() * 4 + 6 * layer.rank * 4
+
+
+def test_a_hooked_base_layer_is_still_called() -> None:
+    """The fused node runs F.linear itself, so a base layer with hooks keeps the separate path and its hooks fire."""
+    base = nn.Linear(64, 96).requires_grad_(False)
+    calls = []
+    base.register_forward_hook(lambda module, args, output: calls.append(output.shape))
+    layer = VARIANT_BY_ID["lora"].create(base)
+    randomize(layer)
+    x = make_input("linear")
+    out = layer(x)
+    assert calls == [torch.Size([2, 3, 96])]
+    assert rel_err(out, apply_base(base, x, reference_weight(VARIANT_BY_ID["lora"], layer, base.weight, STRENGTH))) < TOL
+
+
 # ----- 8. dropouts -------------------------------------------------------------------------------------
 DROPOUT_VARIANTS = ["lora", "loha", "lokr", "lokr_tucker", "lora_dora_out"]
 

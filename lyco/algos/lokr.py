@@ -9,6 +9,7 @@ import math
 import torch
 from torch import Tensor
 
+from ..fused_linear import kronecker_linear
 from ..spec import LayerSpec
 from .tucker import rebuild_tucker
 
@@ -164,6 +165,23 @@ def bypass(x: Tensor, params: dict[str, Tensor], spec: LayerSpec) -> Tensor:
     mixed = mixed.reshape(batch, in_m, out_k, *mixed.shape[2:])
     out = torch.einsum("bjp...,ij->bip...", mixed, w1)
     return out.reshape(batch, spec.out_features, *out.shape[3:])
+
+
+def fuses_linear(params: dict[str, Tensor]) -> bool:
+    """Whether fused_linear pays off: it applies w2 built as one matrix, which for a low-rank w2 must
+    cost at most twice the two factored products per position (the fused node saves more than that)."""
+    if "lokr_w2" in params:
+        return True
+    if "lokr_t2" in params:
+        return False
+    w2_a, w2_b = params["lokr_w2_a"], params["lokr_w2_b"]
+    return w2_a.shape[0] * w2_b.shape[1] <= 2 * (w2_a.numel() + w2_b.numel())
+
+
+def fused_linear(x: Tensor, weight: Tensor, bias: Tensor | None, params: dict[str, Tensor], scale: float, spec: LayerSpec) -> Tensor:
+    """F.linear(x, weight, bias) + scale·ΔW·x for a Linear layer, as one autograd node."""
+    _, out_k, _, in_n = _factor_sizes(params, spec)
+    return kronecker_linear(x, weight, bias, w1_matrix(params), w2_tensor(params, spec, out_k, in_n), scale)
 
 
 def _w2_apply(grouped: Tensor, params: dict[str, Tensor], spec: LayerSpec, out_k: int, in_n: int) -> Tensor:

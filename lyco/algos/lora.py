@@ -9,6 +9,7 @@ import math
 import torch
 from torch import Tensor
 
+from ..fused_linear import low_rank_linear
 from ..spec import LayerSpec
 
 NAME = "lora"
@@ -67,6 +68,16 @@ def bypass(x: Tensor, params: dict[str, Tensor], spec: LayerSpec) -> Tensor:
     if mid is None:
         return spec.apply_pointwise(spec.apply(x, down), up)
     return spec.apply_pointwise(spec.apply(spec.apply_pointwise(x, down), mid), up)
+
+
+def fuses_linear(params: dict[str, Tensor]) -> bool:
+    """Whether fused_linear applies (Linear layers carry no Tucker core)."""
+    return "lora_mid.weight" not in params
+
+
+def fused_linear(x: Tensor, weight: Tensor, bias: Tensor | None, params: dict[str, Tensor], scale: float, spec: LayerSpec) -> Tensor:
+    """F.linear(x, weight, bias) + scale·ΔW·x for a Linear layer, as one autograd node."""
+    return low_rank_linear(x, weight, bias, params["lora_down.weight"], params["lora_up.weight"], scale)
 
 
 def mask_rank(params: dict[str, Tensor], keep: Tensor) -> dict[str, Tensor]:
