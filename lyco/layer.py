@@ -24,6 +24,10 @@ from .dora import DORA_AXES, dora_axis_of, dora_weight, weight_norms
 from .spec import LayerSpec
 
 PATHS = ("auto", "bypass", "rebuild")
+# What one multiply-add of a training-time ΔW build costs, relative to one of a matmul: the build runs
+# in forward and again in backward, with elementwise passes and the factor gradients (measured on CPU
+# for LoHa on the SD1.5 attention shapes, where it decides between the paths).
+_TRAINING_BUILD_COST = 16
 
 _state_changes = 0
 
@@ -332,11 +336,17 @@ class LycoLayer(nn.Module):
             if self.path == "bypass":
                 raise ValueError(f"{self.name}: the bypass path is not available for {self.algo.NAME}{' with DoRA' if self.dora_scale is not None else ''}")
             return False
-        if self.path == "bypass" or (torch.is_grad_enabled() and any(p.requires_grad for p in self.adapter.values())):
+        if self.path == "bypass":
             return True
         channels = x.shape[1] if self.spec.is_conv else x.shape[-1]
         positions = x.numel() // max(channels, 1)
-        return positions * self.algo.bypass_cost(params, self.spec) < self.algo.rebuild_cost(params, self.spec)
+        bypass, rebuild = positions * self.algo.bypass_cost(params, self.spec), self.algo.rebuild_cost(params, self.spec)
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self.adapter.values()):
+            # Training: bypass runs its products three times (forward, input gradient, factor gradients);
+            # rebuild takes the weight-sized gradient of the op (one multiply-add per weight entry and
+            # position) plus its builds, whose elementwise passes cost far more per multiply-add on CPU.
+            return 3 * bypass < positions * math.prod(self.spec.weight_shape) + _TRAINING_BUILD_COST * rebuild
+        return bypass < rebuild
 
     # ----- merge -----------------------------------------------------------------------------------
     @torch.no_grad()

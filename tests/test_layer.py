@@ -367,8 +367,10 @@ def test_training_rebuild_path_under_autocast_matches_autograd(variant_id: str, 
 
 # ----- 7b. the training bypass path of a Linear layer: gradients against the explicit formula --------------
 LINEAR_BYPASS = [v for v in VARIANTS if has_bypass(v) and "use_tucker" not in v.options]
-# The LoKr variants whose w2 is cheap enough to apply as one matrix run as a single fused autograd node.
-FUSED = {"lora", "lora_rs", "lokr", "lokr_full_matrix", "lokr_unbalanced_r2"}
+# LoRA, LoHa (as a LoRA of rank r1·r2) and the LoKr variants whose w2 is cheap enough to apply as one
+# matrix run as a single fused autograd node.
+FUSED = {"lora", "lora_rs", "loha", "lokr", "lokr_full_matrix", "lokr_unbalanced_r2"}
+FUSED_NODE = {"lora": "_LowRankLinearBackward", "loha": "_LowRankLinearBackward", "lokr": "_KroneckerLinearBackward"}
 
 
 def _reference_loss(variant: Variant, layer: LycoLayer, x: torch.Tensor, upstream: torch.Tensor) -> float:
@@ -392,8 +394,7 @@ def test_linear_training_bypass_gradients_match_the_formula(variant: Variant, bi
     x = make_input("linear").requires_grad_(x_needs_grad)
     upstream = torch.randn(2, 3, 96)
     out = layer(x)
-    assert (type(out.grad_fn).__name__ == "_LowRankLinearBackward" if variant.algo == "lora" else
-            type(out.grad_fn).__name__ == "_KroneckerLinearBackward") == (variant.id in FUSED)
+    assert (type(out.grad_fn).__name__ == FUSED_NODE[variant.algo]) == (variant.id in FUSED)
     (out * upstream).sum().backward()
     weight = reference_weight(variant, layer, base.weight, STRENGTH)
     if x_needs_grad:
@@ -413,7 +414,26 @@ def test_linear_training_bypass_gradients_match_the_formula(variant: Variant, bi
         assert abs(measured - expected) <= 1e-4 * max(1.0, abs(expected)), key
 
 
-@pytest.mark.parametrize("variant_id", ["lora", "lokr"])
+@pytest.mark.parametrize(
+    "algo,positions,node",
+    [
+        ("loha", 1024, "_RebuiltWeightOpBackward"),  # rank 16 pairs to 256: past ~d positions, the weight gradient is cheaper
+        ("loha", 64, "_LowRankLinearBackward"),
+        ("lora", 1024, "_LowRankLinearBackward"),
+        ("lora", 1, "_LowRankLinearBackward"),
+        ("lokr", 1024, "_KroneckerLinearBackward"),
+    ],
+)
+def test_training_path_follows_the_training_cost(algo: str, positions: int, node: str) -> None:
+    """path="auto" in training picks bypass or rebuild by what each costs forward and backward."""
+    layer = LycoLayer.create(nn.Linear(320, 320).requires_grad_(False), algo=algo, rank=16, alpha=8)
+    out = layer(torch.randn(1, positions, 320, requires_grad=True))
+    assert type(out.grad_fn).__name__ == node
+    with torch.no_grad():
+        assert layer(torch.randn(1, positions, 320)).grad_fn is None
+
+
+@pytest.mark.parametrize("variant_id", ["lora", "loha", "lokr"])
 def test_fused_linear_under_autocast_runs_in_bf16_and_keeps_gradient_dtypes(variant_id: str) -> None:
     torch.manual_seed(15)
     variant = VARIANT_BY_ID[variant_id]

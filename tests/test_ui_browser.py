@@ -7,7 +7,8 @@
 3. Train tab again: Stop during a second training leaves the UI idle, a resumable state written and the
    child process gone.
 
-Screenshots of both tabs are written to docs/screenshots/ (linked from the README).
+Screenshots of both tabs go to a temporary folder, or to docs/screenshots/ (linked from the README)
+when LYCO_UPDATE_SCREENSHOTS=1 is set, so that a test run leaves the checkout as it was.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -31,7 +33,7 @@ except ImportError:  # pragma: no cover - CI installs it
     sync_playwright = None
 
 REPO = Path(__file__).resolve().parents[1]
-SHOTS = REPO / "docs" / "screenshots"
+SHOTS = REPO / "docs" / "screenshots" if os.environ.get("LYCO_UPDATE_SCREENSHOTS") == "1" else Path(tempfile.mkdtemp(prefix="lyco-shots-"))
 CHROMIUM = os.environ.get("LYCO_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]

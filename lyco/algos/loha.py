@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from ..fused_linear import low_rank_linear
 from ..spec import LayerSpec
 from .tucker import rebuild_tucker
 
@@ -105,6 +106,18 @@ def bypass(x: Tensor, params: dict[str, Tensor], spec: LayerSpec) -> Tensor:
         down = down.reshape(down.shape[0], spec.in_features, *spec.kernel_size)
     up = _pairwise_rows(a1.t(), a2.t()).t()
     return spec.apply_pointwise(spec.apply(x, down), up)
+
+
+def fuses_linear(params: dict[str, Tensor]) -> bool:
+    """Whether fused_linear applies (Linear layers carry no Tucker cores)."""
+    return "hada_t1" not in params
+
+
+def fused_linear(x: Tensor, weight: Tensor, bias: Tensor | None, params: dict[str, Tensor], scale: float, spec: LayerSpec) -> Tensor:
+    """F.linear(x, weight, bias) + scale·ΔW·x for a Linear layer, as one autograd node: the rank r1·r2
+    LoRA of bypass()."""
+    a1, b1, a2, b2 = (params[k] for k in REQUIRED_KEYS)
+    return low_rank_linear(x, weight, bias, _pairwise_rows(b1, b2), _pairwise_rows(a1.t(), a2.t()).t(), scale)
 
 
 def bypass_cost(params: dict[str, Tensor], spec: LayerSpec) -> int:
