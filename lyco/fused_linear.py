@@ -114,7 +114,7 @@ class _KroneckerLinear(torch.autograd.Function):
         (out_l, in_m), (out_k, in_n), positions = w1.shape, w2.shape, flat.shape[0]
         with _autocast_off(ctx):
             grad = grad_out.reshape(-1, grad_out.shape[-1]).to(flat.dtype)
-            grouped_grad = grad.view(positions, out_l, out_k)
+            grouped_grad = grad.reshape(positions, out_l, out_k)
             grad_mixed = torch.matmul(w1.t() * ctx.scale, grouped_grad).view(positions * in_m, out_k)
             grad_x, grad_weight, grad_bias = _base_grads(ctx, grad, flat, weight)
             if grad_x is not None:

@@ -451,6 +451,18 @@ def test_fused_linear_under_autocast_runs_in_bf16_and_keeps_gradient_dtypes(vari
     assert all(p.grad.dtype == torch.float32 and p.grad.abs().max() > 0 for p in layer.adapter.values())
 
 
+@pytest.mark.parametrize("variant_id", ["lora", "lokr_full_matrix"])
+def test_fused_linear_takes_an_expanded_output_gradient(variant_id: str) -> None:
+    """out.sum().backward() hands backward a stride-0 gradient; the fused node takes it like any other."""
+    variant = VARIANT_BY_ID[variant_id]
+    layer = variant.create(nn.Linear(64, 96).requires_grad_(False), path="bypass")
+    randomize(layer)
+    x = make_input("linear").requires_grad_(True)
+    layer(x).sum().backward()
+    weight = reference_weight(variant, layer, layer.base.weight, STRENGTH)
+    assert rel_err(x.grad, torch.ones(2, 3, 96, dtype=torch.float64) @ weight) < TOL
+
+
 def test_fused_linear_keeps_the_input_and_a_rank_sized_tensor_for_backward() -> None:
     """What the fused LoRA node keeps beyond the parameters: the input (which the base op keeps anyway)
     and the (positions, rank) hidden activations, nothing output-sized."""
