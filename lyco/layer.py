@@ -2,8 +2,8 @@
 
 It keeps the frozen layer as its `base` child and is the only place where
 `strength * alpha / rank * ΔW` is applied. Forward runs one of two paths:
-bypass (ΔW·x without building ΔW; for a plain nn.Linear, one autograd node with the base op, see
-fused_linear) or rebuild (one F.linear/F.conv2d with W + strength·s·ΔW,
+bypass (ΔW·x without building ΔW; for a plain nn.Linear / nn.Conv2d, one autograd node with the
+base op, see fused) or rebuild (one F.linear/F.conv2d with W + strength·s·ΔW,
 collapsing nested wrappers into a single op; when training, W + ΔW is built again in backward instead
 of being kept, see rebuild_op). Merge bakes the contribution into the base weight
 and unmerge restores the kept original bit-exactly.
@@ -260,7 +260,7 @@ class LycoLayer(nn.Module):
         if self._use_bypass(x, params):
             scale = self.strength * self.scale * self._rank_scale()
             if keep is None and not args and not kwargs and self._fuses_with_base(params):
-                return self.algo.fused_linear(x, self.base.weight, self.base.bias, params, scale, self.spec)
+                return self.algo.fused(x, self.base.weight, self.base.bias, params, scale, self.spec)
             adapter_in = nn.functional.dropout(x, self.dropout, training=True) if self._input_dropout() else x
             params = self._with_scale_folded(params, scale)
             out = self.algo.bypass(adapter_in, params, self.spec)
@@ -292,14 +292,16 @@ class LycoLayer(nn.Module):
         return {**params, key: params[key] * scale}
 
     def _fuses_with_base(self, params: Mapping[str, Tensor]) -> bool:
-        # The fused node runs the base's F.linear itself: only for a plain nn.Linear without hooks of its own.
+        # The fused node runs the base's op itself: only for a plain nn.Linear / nn.Conv2d without hooks
+        # of its own, and with numeric padding (its backward calls the convolution's backward directly).
         base = self.base
         return (
-            type(base) is nn.Linear
+            type(base) in (nn.Linear, nn.Conv2d)
             and not (base._forward_hooks or base._forward_pre_hooks)
             and not self._input_dropout()
-            and hasattr(self.algo, "fused_linear")
-            and self.algo.fuses_linear(params)
+            and rebuild_op.supports(self.spec)
+            and hasattr(self.algo, "fused")
+            and self.algo.fuses(params, self.spec)
         )
 
     def _rebuilds_in_backward(self) -> bool:

@@ -365,40 +365,75 @@ def test_training_rebuild_path_under_autocast_matches_autograd(variant_id: str, 
         assert grads[key].dtype == torch.float32 and rel_err(grads[key], grad) < 3e-2, key
 
 
-# ----- 7b. the training bypass path of a Linear layer: gradients against the explicit formula --------------
-LINEAR_BYPASS = [v for v in VARIANTS if has_bypass(v) and "use_tucker" not in v.options]
-# LoRA, LoHa (as a LoRA of rank r1·r2) and the LoKr variants whose w2 is cheap enough to apply as one
-# matrix run as a single fused autograd node.
-FUSED = {"lora", "lora_rs", "loha", "lokr", "lokr_full_matrix", "lokr_unbalanced_r2"}
-FUSED_NODE = {"lora": "_LowRankLinearBackward", "loha": "_LowRankLinearBackward", "lokr": "_KroneckerLinearBackward"}
+# ----- 7b. the training bypass path: gradients against the explicit formula ----------------------------
+BYPASS_VARIANTS = [v for v in VARIANTS if has_bypass(v)]
+BYPASS_LAYERS = ["linear", "conv1x1", "conv3x3s2", "conv3x3s2-reflect"]
+# One fused autograd node with the base op: LoRA and LoHa (as a LoRA of rank r1·r2) without Tucker
+# cores; on Linear layers also the LoKr variants whose w2 is cheap enough to apply as one matrix.
+FUSED_LINEAR = {"lora", "lora_rs", "loha", "lokr", "lokr_full_matrix", "lokr_unbalanced_r2"}
+FUSED_CONV = {"lora", "lora_rs", "loha"}
 
 
-def _reference_loss(variant: Variant, layer: LycoLayer, x: torch.Tensor, upstream: torch.Tensor) -> float:
+FUSED_NODES = {"_LowRankLinearBackward", "_KroneckerLinearBackward", "_LowRankConvBackward"}
+
+
+def _fused_node(variant: Variant, layer_id: str) -> str | None:
+    # use_tucker only changes k x k convolutions: elsewhere a Tucker variant is the plain one
+    plain_id = variant.id if layer_id.startswith("conv3x3") else variant.id.replace("_tucker", "")
+    if layer_id == "linear":
+        kind = "Kronecker" if variant.algo == "lokr" else "LowRank"
+        return f"_{kind}LinearBackward" if plain_id in FUSED_LINEAR else None
+    return "_LowRankConvBackward" if plain_id in FUSED_CONV else None
+
+
+def _bypass_layer(layer_id: str, bias: bool) -> nn.Module:
+    base = LAYERS[layer_id.removesuffix("-reflect")]()
+    if layer_id.endswith("-reflect"):
+        base.padding_mode = "reflect"
+    if not bias:
+        base.bias = None
+    return base.requires_grad_(False)
+
+
+def _reference_forward(base: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The base layer's op with another weight, in float64, padding modes included."""
+    if isinstance(base, nn.Conv2d) and base.padding_mode != "zeros":
+        ph, pw = base.padding
+        padded = F.pad(x.double(), (pw, pw, ph, ph), mode=base.padding_mode)
+        bias = None if base.bias is None else base.bias.detach().double()
+        return F.conv2d(padded, weight.double(), bias, base.stride, 0, base.dilation)
+    return apply_base(base, x, weight)
+
+
+def _reference_loss(variant: Variant, layer: LycoLayer, x: torch.Tensor, upstream: torch.Tensor) -> torch.Tensor:
     weight = reference_weight(variant, layer, layer.base.weight, STRENGTH)
-    return float((apply_base(layer.base, x, weight) * upstream.double()).sum())
+    return (_reference_forward(layer.base, x, weight) * upstream.double()).sum()
 
 
 @pytest.mark.parametrize("x_needs_grad", [True, False], ids=["x-grad", "x-frozen"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
-@pytest.mark.parametrize("variant", LINEAR_BYPASS, ids=lambda v: v.id)
-def test_linear_training_bypass_gradients_match_the_formula(variant: Variant, bias: bool, x_needs_grad: bool) -> None:
-    """Input and factor gradients of the bypass path (one fused node for LoRA and most LoKr shapes) equal
-    those of <F.linear(x, W + m·s·ΔW), upstream> with ΔW from the FORMAT.md reference: the input gradient
-    directly, each factor's gradient along a random direction as a difference quotient. ΔW is linear in
-    each single tensor, so that quotient is exact for any step; a large step keeps float32 rounding of
-    the perturbed parameter out of it."""
+@pytest.mark.parametrize("layer_id", BYPASS_LAYERS)
+@pytest.mark.parametrize("variant", BYPASS_VARIANTS, ids=lambda v: v.id)
+def test_training_bypass_gradients_match_the_formula(variant: Variant, layer_id: str, bias: bool, x_needs_grad: bool) -> None:
+    """Input and factor gradients of the bypass path (one fused node where _fused_node says so) equal
+    those of <op(x, W + m·s·ΔW), upstream> with ΔW from the FORMAT.md reference in float64: the input
+    gradient by autograd on that reference, each factor's gradient along a random direction as a
+    difference quotient. ΔW is linear in each single tensor, so that quotient is exact for any step; a
+    large step keeps float32 rounding of the perturbed parameter out of it."""
     torch.manual_seed(14)
-    base = nn.Linear(64, 96, bias=bias).requires_grad_(False)
+    base = _bypass_layer(layer_id, bias)
     layer = variant.create(base, path="bypass")
     randomize(layer)
-    x = make_input("linear").requires_grad_(x_needs_grad)
-    upstream = torch.randn(2, 3, 96)
+    x = make_input(layer_id.removesuffix("-reflect")).requires_grad_(x_needs_grad)
     out = layer(x)
-    assert (type(out.grad_fn).__name__ == FUSED_NODE[variant.algo]) == (variant.id in FUSED)
+    upstream = torch.randn(out.shape)
+    node = _fused_node(variant, layer_id)
+    assert type(out.grad_fn).__name__ == node if node else type(out.grad_fn).__name__ not in FUSED_NODES
     (out * upstream).sum().backward()
-    weight = reference_weight(variant, layer, base.weight, STRENGTH)
     if x_needs_grad:
-        assert rel_err(x.grad, upstream.double() @ weight) < TOL
+        x64 = x.detach().double().requires_grad_(True)
+        _reference_loss(variant, layer, x64, upstream).backward()
+        assert rel_err(x.grad, x64.grad) < TOL
     eps = 0.5
     for key, param in layer.adapter.items():
         direction = torch.randn_like(param, dtype=torch.float64)
@@ -407,7 +442,7 @@ def test_linear_training_bypass_gradients_match_the_formula(variant: Variant, bi
         with torch.no_grad():
             for sign in (1, -1):
                 param.copy_(original + sign * eps * direction.float())
-                losses.append(_reference_loss(variant, layer, x.detach(), upstream))
+                losses.append(float(_reference_loss(variant, layer, x.detach(), upstream)))
             param.copy_(original)
         expected = (losses[0] - losses[1]) / (2 * eps)
         measured = float((param.grad.double() * direction.float().double()).sum())
@@ -433,34 +468,38 @@ def test_training_path_follows_the_training_cost(algo: str, positions: int, node
         assert layer(torch.randn(1, positions, 320)).grad_fn is None
 
 
-@pytest.mark.parametrize("variant_id", ["lora", "loha", "lokr"])
-def test_fused_linear_under_autocast_runs_in_bf16_and_keeps_gradient_dtypes(variant_id: str) -> None:
+@pytest.mark.parametrize("variant_id,layer_id", [("lora", "linear"), ("loha", "linear"), ("lokr", "linear"), ("lora", "conv3x3s2"), ("loha", "conv3x3s2")])
+def test_fused_node_under_autocast_runs_in_bf16_and_keeps_gradient_dtypes(variant_id: str, layer_id: str) -> None:
     torch.manual_seed(15)
     variant = VARIANT_BY_ID[variant_id]
-    layer = variant.create(nn.Linear(64, 96).requires_grad_(False), path="bypass")
+    layer = variant.create(_bypass_layer(layer_id, True), path="bypass")
     randomize(layer)
-    x = make_input("linear").requires_grad_(True)
+    x = make_input(layer_id).requires_grad_(True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = layer(x)
-    upstream = torch.randn(2, 3, 96)
+    assert type(out.grad_fn).__name__ == _fused_node(variant, layer_id)
+    upstream = torch.randn(out.shape)
     (out.float() * upstream).sum().backward()
+    x64 = x.detach().double().requires_grad_(True)
+    _reference_loss(variant, layer, x64, upstream).backward()
     weight = reference_weight(variant, layer, layer.base.weight, STRENGTH)
     assert out.dtype == torch.bfloat16 and x.grad.dtype == torch.float32
-    assert rel_err(out, apply_base(layer.base, x, weight)) < 2e-2
-    assert rel_err(x.grad, upstream.double() @ weight) < 3e-2
+    assert rel_err(out, _reference_forward(layer.base, x, weight)) < 2e-2
+    assert rel_err(x.grad, x64.grad) < 3e-2
     assert all(p.grad.dtype == torch.float32 and p.grad.abs().max() > 0 for p in layer.adapter.values())
 
 
-@pytest.mark.parametrize("variant_id", ["lora", "lokr_full_matrix"])
-def test_fused_linear_takes_an_expanded_output_gradient(variant_id: str) -> None:
+@pytest.mark.parametrize("variant_id,layer_id", [("lora", "linear"), ("lokr_full_matrix", "linear"), ("lora", "conv3x3s2")])
+def test_fused_node_takes_an_expanded_output_gradient(variant_id: str, layer_id: str) -> None:
     """out.sum().backward() hands backward a stride-0 gradient; the fused node takes it like any other."""
     variant = VARIANT_BY_ID[variant_id]
-    layer = variant.create(nn.Linear(64, 96).requires_grad_(False), path="bypass")
+    layer = variant.create(_bypass_layer(layer_id, True), path="bypass")
     randomize(layer)
-    x = make_input("linear").requires_grad_(True)
+    x = make_input(layer_id).requires_grad_(True)
     layer(x).sum().backward()
-    weight = reference_weight(variant, layer, layer.base.weight, STRENGTH)
-    assert rel_err(x.grad, torch.ones(2, 3, 96, dtype=torch.float64) @ weight) < TOL
+    x64 = x.detach().double().requires_grad_(True)
+    _reference_forward(layer.base, x64, reference_weight(variant, layer, layer.base.weight, STRENGTH)).sum().backward()
+    assert rel_err(x.grad, x64.grad) < TOL
 
 
 def test_fused_linear_keeps_the_input_and_a_rank_sized_tensor_for_backward() -> None:

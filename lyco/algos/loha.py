@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from ..fused_linear import low_rank_linear
+from ..fused import low_rank_conv, low_rank_linear
 from ..spec import LayerSpec
 from .tucker import rebuild_tucker
 
@@ -108,16 +108,18 @@ def bypass(x: Tensor, params: dict[str, Tensor], spec: LayerSpec) -> Tensor:
     return spec.apply_pointwise(spec.apply(x, down), up)
 
 
-def fuses_linear(params: dict[str, Tensor]) -> bool:
-    """Whether fused_linear applies (Linear layers carry no Tucker cores)."""
+def fuses(params: dict[str, Tensor], spec: LayerSpec) -> bool:
+    """Whether fused() applies: without Tucker cores (those have their own pass)."""
     return "hada_t1" not in params
 
 
-def fused_linear(x: Tensor, weight: Tensor, bias: Tensor | None, params: dict[str, Tensor], scale: float, spec: LayerSpec) -> Tensor:
-    """F.linear(x, weight, bias) + scale·ΔW·x for a Linear layer, as one autograd node: the rank r1·r2
-    LoRA of bypass()."""
+def fused(x: Tensor, weight: Tensor, bias: Tensor | None, params: dict[str, Tensor], scale: float, spec: LayerSpec) -> Tensor:
+    """The layer's op with (weight, bias) + scale·ΔW·x, as one autograd node: the rank r1·r2 LoRA of bypass()."""
     a1, b1, a2, b2 = (params[k] for k in REQUIRED_KEYS)
-    return low_rank_linear(x, weight, bias, _pairwise_rows(b1, b2), _pairwise_rows(a1.t(), a2.t()).t(), scale)
+    down, up = _pairwise_rows(b1, b2), _pairwise_rows(a1.t(), a2.t()).t()
+    if spec.is_conv:
+        return low_rank_conv(x, weight, bias, down.reshape(down.shape[0], spec.in_features, *spec.kernel_size), up, scale, spec)
+    return low_rank_linear(x, weight, bias, down, up, scale)
 
 
 def bypass_cost(params: dict[str, Tensor], spec: LayerSpec) -> int:

@@ -9,7 +9,7 @@ import math
 import torch
 from torch import Tensor
 
-from ..fused_linear import kronecker_linear
+from ..fused import kronecker_linear
 from ..spec import LayerSpec
 from .tucker import rebuild_tucker
 
@@ -167,9 +167,12 @@ def bypass(x: Tensor, params: dict[str, Tensor], spec: LayerSpec) -> Tensor:
     return out.reshape(batch, spec.out_features, *out.shape[3:])
 
 
-def fuses_linear(params: dict[str, Tensor]) -> bool:
-    """Whether fused_linear pays off: it applies w2 built as one matrix, which for a low-rank w2 must
-    cost at most twice the two factored products per position (the fused node saves more than that)."""
+def fuses(params: dict[str, Tensor], spec: LayerSpec) -> bool:
+    """Whether fused() applies and pays off: Linear layers only; it applies w2 built as one matrix,
+    which for a low-rank w2 must cost at most twice the two factored products per position (the fused
+    node saves more than that)."""
+    if spec.is_conv:
+        return False
     if "lokr_w2" in params:
         return True
     if "lokr_t2" in params:
@@ -178,7 +181,7 @@ def fuses_linear(params: dict[str, Tensor]) -> bool:
     return w2_a.shape[0] * w2_b.shape[1] <= 2 * (w2_a.numel() + w2_b.numel())
 
 
-def fused_linear(x: Tensor, weight: Tensor, bias: Tensor | None, params: dict[str, Tensor], scale: float, spec: LayerSpec) -> Tensor:
+def fused(x: Tensor, weight: Tensor, bias: Tensor | None, params: dict[str, Tensor], scale: float, spec: LayerSpec) -> Tensor:
     """F.linear(x, weight, bias) + scale·ΔW·x for a Linear layer, as one autograd node."""
     _, out_k, _, in_n = _factor_sizes(params, spec)
     return kronecker_linear(x, weight, bias, w1_matrix(params), w2_tensor(params, spec, out_k, in_n), scale)
