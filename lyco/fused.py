@@ -1,17 +1,17 @@
-"""The bypass path as one autograd node with the base op: y = op(x, W, b) + scale·ΔW·x, ΔW factored.
+"""The bypass path of an adapted nn.Linear as one autograd node: y = x·Wᵀ + b + scale·ΔW·x, ΔW factored.
 
 Plain autograd on `base(x) + bypass(x)` keeps the base and the adapter as separate graph nodes. That
 costs an output-sized add in forward, an input-sized add in backward and the scale multiply in both.
 On CPU these elementwise passes over the activations cost as much as the thin rank-r products
 themselves. Here the adapter's product is accumulated in place (addmm_/baddbmm_) into the base's
-output in forward (and, for Linear layers, into the base's input gradient in backward), and the
-factor gradients are taken straight from the factored form.
+output in forward and into the base's input gradient in backward, and the factor gradients are taken
+straight from the factored form.
 
-Three forms: low rank on a Linear (LoRA, and LoHa as a LoRA of rank r1·r2: ΔW = up·down), low rank on
-a Conv2d (down carries the layer's kernel, stride, padding and dilation, up is 1x1), and Kronecker on a
-Linear (LoKr: ΔW = kron(w1, w2), applied as w1·X·w2ᵀ per position). Everything runs in the autocast
-dtype when autocast is on, as F.linear/F.conv2d would, and every gradient is returned in its tensor's
-own dtype.
+Linear layers only, in two forms: low rank (LoRA, and LoHa as a LoRA of rank r1·r2: ΔW = up·down) and
+Kronecker (LoKr: ΔW = kron(w1, w2), applied as w1·X·w2ᵀ per position). Everything runs in the autocast
+dtype when autocast is on, as F.linear would, and every gradient is returned in its tensor's own dtype.
+(The same node for convolutions measured no faster than plain autograd on the SD1.5 UNet's convs,
+whose adapter cost is the rank-r convolution itself; it was left out.)
 """
 from __future__ import annotations
 
@@ -21,7 +21,6 @@ import torch
 from torch import Tensor
 
 from .rebuild_op import autocast_dtype
-from .spec import LayerSpec
 
 
 def low_rank_linear(x: Tensor, weight: Tensor, bias: Tensor | None, down: Tensor, up: Tensor, scale: float) -> Tensor:
@@ -34,22 +33,14 @@ def kronecker_linear(x: Tensor, weight: Tensor, bias: Tensor | None, w1: Tensor,
     return _KroneckerLinear.apply(x, weight, bias, w1, w2, float(scale))
 
 
-def low_rank_conv(x: Tensor, weight: Tensor, bias: Tensor | None, down: Tensor, up: Tensor, scale: float, spec: LayerSpec) -> Tensor:
-    """The layer's F.conv2d(x, weight, bias) + scale · up ⋆ (down ⋆ x), down with the layer's kernel,
-    stride, padding and dilation, up 1x1 (numeric padding only)."""
-    x, padding = spec.pad_input(x)
-    return _LowRankConv.apply(x, weight, bias, down, up, float(scale), spec, tuple(padding))
-
-
-def _prepare(ctx, x: Tensor, tensors: tuple[Tensor | None, ...], *, flatten: bool = True) -> tuple[Tensor, list[Tensor | None]]:
-    """The input (as (positions, features) when `flatten`) and the other tensors, all in the compute
-    dtype (call with autocast still as the caller set it)."""
+def _prepare(ctx, x: Tensor, tensors: tuple[Tensor | None, ...]) -> tuple[Tensor, list[Tensor | None]]:
+    """The input as (positions, features) and the other tensors, all in the compute dtype (call with
+    autocast still as the caller set it)."""
     autocast = autocast_dtype(x.device.type)
     compute = autocast or x.dtype
     ctx.autocast_device = x.device.type if autocast is not None else None
     ctx.input_shape, ctx.dtypes = x.shape, [x.dtype] + [None if t is None else t.dtype for t in tensors]
-    x = x.reshape(-1, x.shape[-1]) if flatten else x
-    return x.to(compute), [None if t is None else t.to(compute) for t in tensors]
+    return x.reshape(-1, x.shape[-1]).to(compute), [None if t is None else t.to(compute) for t in tensors]
 
 
 def _autocast_off(ctx) -> contextlib.AbstractContextManager:
@@ -71,12 +62,12 @@ def _base_grads(ctx, grad: Tensor, flat: Tensor, weight: Tensor) -> tuple[Tensor
     return grad_x, grad_weight, grad_bias
 
 
-def _returned(ctx, grads: list[Tensor | None], extra: int = 1) -> tuple[Tensor | None, ...]:
-    """The gradients in their tensors' dtypes, the input's in its shape, then None for `extra` non-tensor arguments."""
+def _returned(ctx, grads: list[Tensor | None]) -> tuple[Tensor | None, ...]:
+    """The gradients in their tensors' dtypes, the input's in its shape, then None for the scale."""
     out = [None if g is None else g.to(dtype) for g, dtype in zip(grads, ctx.dtypes)]
     if out[0] is not None:
         out[0] = out[0].view(ctx.input_shape)
-    return (*out, *([None] * extra))
+    return (*out, None)
 
 
 class _LowRankLinear(torch.autograd.Function):
@@ -136,45 +127,3 @@ class _KroneckerLinear(torch.autograd.Function):
             grad_w2 = grad_mixed.t() @ flat.reshape(positions * in_m, in_n) if ctx.needs_input_grad[4] else None
         return _returned(ctx, [grad_x, grad_weight, grad_bias, grad_w1, grad_w2])
 
-
-class _LowRankConv(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, down: Tensor, up: Tensor, scale: float,
-                spec: LayerSpec, padding: tuple[int, int]) -> Tensor:
-        x, (weight, bias, down, up) = _prepare(ctx, x, (weight, bias, down, up), flatten=False)
-        with _autocast_off(ctx):
-            conv = (spec.stride, padding, spec.dilation)
-            out = torch.nn.functional.conv2d(x, weight, bias, *conv).contiguous()
-            hidden = torch.nn.functional.conv2d(x, down, None, *conv).contiguous()
-            batch, channels, rank = out.shape[0], out.shape[1], hidden.shape[1]
-            up_matrix = up.reshape(channels, rank).expand(batch, channels, rank)
-            out.view(batch, channels, -1).baddbmm_(up_matrix, hidden.view(batch, rank, -1), alpha=scale)
-        ctx.scale, ctx.conv = scale, conv
-        ctx.save_for_backward(x, weight, down, up, hidden)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor):
-        x, weight, down, up, hidden = ctx.saved_tensors
-        need_x, need_weight, need_bias, need_down, need_up = ctx.needs_input_grad[:5]
-        stride, padding, dilation = (list(v) for v in ctx.conv)
-        with _autocast_off(ctx):
-            grad = grad_out.to(x.dtype).contiguous()
-            batch, channels, rank = grad.shape[0], grad.shape[1], hidden.shape[1]
-            flat_grad, flat_hidden = grad.view(batch, channels, -1), hidden.view(batch, rank, -1)
-            grad_hidden = torch.matmul(up.reshape(channels, rank).t() * ctx.scale, flat_grad).view_as(hidden)
-            grad_x, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
-                grad, x, weight, [channels] if need_bias else None, stride, padding, dilation, False, [0, 0], 1,
-                [need_x, need_weight, need_bias],
-            )
-            grad_down = None
-            if need_x or need_down:
-                adapter_grad_x, grad_down, _ = torch.ops.aten.convolution_backward(
-                    grad_hidden, x, down, None, stride, padding, dilation, False, [0, 0], 1, [need_x, need_down, False],
-                )
-                if need_x:
-                    grad_x = grad_x.add_(adapter_grad_x)
-            grad_up = None
-            if need_up:
-                grad_up = torch.bmm(flat_grad, flat_hidden.transpose(1, 2)).sum(0).mul_(ctx.scale).view_as(up)
-        return _returned(ctx, [grad_x, grad_weight, grad_bias, grad_down, grad_up], extra=3)

@@ -2,8 +2,8 @@
 
 It keeps the frozen layer as its `base` child and is the only place where
 `strength * alpha / rank * ΔW` is applied. Forward runs one of two paths:
-bypass (ΔW·x without building ΔW; for a plain nn.Linear / nn.Conv2d, one autograd node with the
-base op, see fused) or rebuild (one F.linear/F.conv2d with W + strength·s·ΔW,
+bypass (ΔW·x without building ΔW; for a plain nn.Linear, one autograd node with the base op, see
+fused) or rebuild (one F.linear/F.conv2d with W + strength·s·ΔW,
 collapsing nested wrappers into a single op; when training, W + ΔW is built again in backward instead
 of being kept, see rebuild_op). Merge bakes the contribution into the base weight
 and unmerge restores the kept original bit-exactly.
@@ -292,14 +292,12 @@ class LycoLayer(nn.Module):
         return {**params, key: params[key] * scale}
 
     def _fuses_with_base(self, params: Mapping[str, Tensor]) -> bool:
-        # The fused node runs the base's op itself: only for a plain nn.Linear / nn.Conv2d without hooks
-        # of its own, and with numeric padding (its backward calls the convolution's backward directly).
+        # The fused node runs the base's F.linear itself: only for a plain nn.Linear without hooks of its own.
         base = self.base
         return (
-            type(base) in (nn.Linear, nn.Conv2d)
+            type(base) is nn.Linear
             and not (base._forward_hooks or base._forward_pre_hooks)
             and not self._input_dropout()
-            and rebuild_op.supports(self.spec)
             and hasattr(self.algo, "fused")
             and self.algo.fuses(params, self.spec)
         )

@@ -368,22 +368,18 @@ def test_training_rebuild_path_under_autocast_matches_autograd(variant_id: str, 
 # ----- 7b. the training bypass path: gradients against the explicit formula ----------------------------
 BYPASS_VARIANTS = [v for v in VARIANTS if has_bypass(v)]
 BYPASS_LAYERS = ["linear", "conv1x1", "conv3x3s2", "conv3x3s2-reflect"]
-# One fused autograd node with the base op: LoRA and LoHa (as a LoRA of rank r1·r2) without Tucker
-# cores; on Linear layers also the LoKr variants whose w2 is cheap enough to apply as one matrix.
+# One fused autograd node with the base op, on Linear layers: LoRA, LoHa (as a LoRA of rank r1·r2) and
+# the LoKr variants whose w2 is cheap enough to apply as one matrix. Convolutions keep plain autograd.
 FUSED_LINEAR = {"lora", "lora_rs", "loha", "lokr", "lokr_full_matrix", "lokr_unbalanced_r2"}
-FUSED_CONV = {"lora", "lora_rs", "loha"}
-
-
-FUSED_NODES = {"_LowRankLinearBackward", "_KroneckerLinearBackward", "_LowRankConvBackward"}
+FUSED_NODES = {"_LowRankLinearBackward", "_KroneckerLinearBackward"}
 
 
 def _fused_node(variant: Variant, layer_id: str) -> str | None:
-    # use_tucker only changes k x k convolutions: elsewhere a Tucker variant is the plain one
-    plain_id = variant.id if layer_id.startswith("conv3x3") else variant.id.replace("_tucker", "")
-    if layer_id == "linear":
-        kind = "Kronecker" if variant.algo == "lokr" else "LowRank"
-        return f"_{kind}LinearBackward" if plain_id in FUSED_LINEAR else None
-    return "_LowRankConvBackward" if plain_id in FUSED_CONV else None
+    if layer_id != "linear":
+        return None
+    plain_id = variant.id.replace("_tucker", "")  # use_tucker only changes k x k convolutions
+    kind = "Kronecker" if variant.algo == "lokr" else "LowRank"
+    return f"_{kind}LinearBackward" if plain_id in FUSED_LINEAR else None
 
 
 def _bypass_layer(layer_id: str, bias: bool) -> nn.Module:
@@ -468,7 +464,7 @@ def test_training_path_follows_the_training_cost(algo: str, positions: int, node
         assert layer(torch.randn(1, positions, 320)).grad_fn is None
 
 
-@pytest.mark.parametrize("variant_id,layer_id", [("lora", "linear"), ("loha", "linear"), ("lokr", "linear"), ("lora", "conv3x3s2"), ("loha", "conv3x3s2")])
+@pytest.mark.parametrize("variant_id,layer_id", [("lora", "linear"), ("loha", "linear"), ("lokr", "linear")])
 def test_fused_node_under_autocast_runs_in_bf16_and_keeps_gradient_dtypes(variant_id: str, layer_id: str) -> None:
     torch.manual_seed(15)
     variant = VARIANT_BY_ID[variant_id]
@@ -489,7 +485,7 @@ def test_fused_node_under_autocast_runs_in_bf16_and_keeps_gradient_dtypes(varian
     assert all(p.grad.dtype == torch.float32 and p.grad.abs().max() > 0 for p in layer.adapter.values())
 
 
-@pytest.mark.parametrize("variant_id,layer_id", [("lora", "linear"), ("lokr_full_matrix", "linear"), ("lora", "conv3x3s2")])
+@pytest.mark.parametrize("variant_id,layer_id", [("lora", "linear"), ("lokr_full_matrix", "linear")])
 def test_fused_node_takes_an_expanded_output_gradient(variant_id: str, layer_id: str) -> None:
     """out.sum().backward() hands backward a stride-0 gradient; the fused node takes it like any other."""
     variant = VARIANT_BY_ID[variant_id]

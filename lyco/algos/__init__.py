@@ -5,7 +5,7 @@ Per-module protocol: NAME, REQUIRED_KEYS, OPTIONAL_KEYS, OPTIONS, UP_KEYS, param
 init_params(spec, rank, **options), expected_shapes(params, spec), scale_rank(params),
 delta_weight(params, spec);
 optionally bypass(x, params, spec) with bypass_cost / rebuild_cost, fused(x, weight, bias, params, scale, spec)
-with fuses(params, spec) (the bypass and the base op as one autograd node), mask_rank(params, keep),
+with fuses(params, spec) (the bypass and the base F.linear as one autograd node), mask_rank(params, keep),
 has_complete_keys(keys).
 UP_KEYS: the "up" factor(s) for LoRA+ learning rates; ΔW is linear in the first one present, so the layer
 scales that factor instead of the bypass output.

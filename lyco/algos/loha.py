@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from ..fused import low_rank_conv, low_rank_linear
+from ..fused import low_rank_linear
 from ..spec import LayerSpec
 from .tucker import rebuild_tucker
 
@@ -109,17 +109,15 @@ def bypass(x: Tensor, params: dict[str, Tensor], spec: LayerSpec) -> Tensor:
 
 
 def fuses(params: dict[str, Tensor], spec: LayerSpec) -> bool:
-    """Whether fused() applies: without Tucker cores (those have their own pass)."""
-    return "hada_t1" not in params
+    """Whether fused() applies: Linear layers (which carry no Tucker cores)."""
+    return not spec.is_conv and "hada_t1" not in params
 
 
 def fused(x: Tensor, weight: Tensor, bias: Tensor | None, params: dict[str, Tensor], scale: float, spec: LayerSpec) -> Tensor:
-    """The layer's op with (weight, bias) + scale·ΔW·x, as one autograd node: the rank r1·r2 LoRA of bypass()."""
+    """F.linear(x, weight, bias) + scale·ΔW·x for a Linear layer, as one autograd node: the rank r1·r2
+    LoRA of bypass()."""
     a1, b1, a2, b2 = (params[k] for k in REQUIRED_KEYS)
-    down, up = _pairwise_rows(b1, b2), _pairwise_rows(a1.t(), a2.t()).t()
-    if spec.is_conv:
-        return low_rank_conv(x, weight, bias, down.reshape(down.shape[0], spec.in_features, *spec.kernel_size), up, scale, spec)
-    return low_rank_linear(x, weight, bias, down, up, scale)
+    return low_rank_linear(x, weight, bias, _pairwise_rows(b1, b2), _pairwise_rows(a1.t(), a2.t()).t(), scale)
 
 
 def bypass_cost(params: dict[str, Tensor], spec: LayerSpec) -> int:

@@ -9,7 +9,7 @@ import math
 import torch
 from torch import Tensor
 
-from ..fused import low_rank_conv, low_rank_linear
+from ..fused import low_rank_linear
 from ..spec import LayerSpec
 
 NAME = "lora"
@@ -71,16 +71,13 @@ def bypass(x: Tensor, params: dict[str, Tensor], spec: LayerSpec) -> Tensor:
 
 
 def fuses(params: dict[str, Tensor], spec: LayerSpec) -> bool:
-    """Whether fused() applies: the kohya layout (the Tucker core has its own pass)."""
-    return "lora_mid.weight" not in params
+    """Whether fused() applies: Linear layers (which carry no Tucker core)."""
+    return not spec.is_conv and "lora_mid.weight" not in params
 
 
 def fused(x: Tensor, weight: Tensor, bias: Tensor | None, params: dict[str, Tensor], scale: float, spec: LayerSpec) -> Tensor:
-    """The layer's op with (weight, bias) + scale·ΔW·x, as one autograd node."""
-    down, up = params["lora_down.weight"], params["lora_up.weight"]
-    if spec.is_conv:
-        return low_rank_conv(x, weight, bias, down, up, scale, spec)
-    return low_rank_linear(x, weight, bias, down, up, scale)
+    """F.linear(x, weight, bias) + scale·ΔW·x for a Linear layer, as one autograd node."""
+    return low_rank_linear(x, weight, bias, params["lora_down.weight"], params["lora_up.weight"], scale)
 
 
 def mask_rank(params: dict[str, Tensor], keep: Tensor) -> dict[str, Tensor]:
