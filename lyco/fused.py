@@ -54,12 +54,21 @@ def _base_output(flat: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return flat @ weight.t() if bias is None else torch.addmm(bias, flat, weight.t())
 
 
-def _base_grads(ctx, grad: Tensor, flat: Tensor, weight: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """The base op's own gradients: input (before the adapter's share is added), weight, bias."""
+def _saved_output(ctx, out: Tensor, scale: float, *saved: Tensor) -> Tensor:
+    """Keep what backward needs and return the output in the input's leading shape."""
+    ctx.scale = scale
+    ctx.save_for_backward(*saved)
+    return out.view(*ctx.input_shape[:-1], out.shape[-1])
+
+
+def _base_grads(ctx, grad_out: Tensor, flat: Tensor, weight: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """The output gradient as (positions, features), and the base op's own gradients: input (before
+    the adapter's share is added), weight, bias."""
+    grad = grad_out.reshape(-1, grad_out.shape[-1]).to(flat.dtype)
     grad_x = grad @ weight if ctx.needs_input_grad[0] else None
     grad_weight = grad.t() @ flat if ctx.needs_input_grad[1] else None
     grad_bias = grad.sum(0) if ctx.needs_input_grad[2] else None
-    return grad_x, grad_weight, grad_bias
+    return grad, grad_x, grad_weight, grad_bias
 
 
 def _returned(ctx, grads: list[Tensor | None]) -> tuple[Tensor | None, ...]:
@@ -77,17 +86,14 @@ class _LowRankLinear(torch.autograd.Function):
         with _autocast_off(ctx):
             hidden = flat @ down.t()
             out = _base_output(flat, weight, bias).addmm_(hidden, up.t(), alpha=scale)
-        ctx.scale = scale
-        ctx.save_for_backward(flat, weight, down, up, hidden)
-        return out.view(*ctx.input_shape[:-1], out.shape[-1])
+        return _saved_output(ctx, out, scale, flat, weight, down, up, hidden)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         flat, weight, down, up, hidden = ctx.saved_tensors
         with _autocast_off(ctx):
-            grad = grad_out.reshape(-1, grad_out.shape[-1]).to(flat.dtype)
+            grad, grad_x, grad_weight, grad_bias = _base_grads(ctx, grad_out, flat, weight)
             grad_hidden = (grad @ up).mul_(ctx.scale)
-            grad_x, grad_weight, grad_bias = _base_grads(ctx, grad, flat, weight)
             if grad_x is not None:
                 grad_x.addmm_(grad_hidden, down)
             grad_down = grad_hidden.t() @ flat if ctx.needs_input_grad[3] else None
@@ -106,19 +112,16 @@ class _KroneckerLinear(torch.autograd.Function):
             mixed = (flat.reshape(positions * in_m, in_n) @ w2.t()).view(positions, in_m, out_k)
             out = _base_output(flat, weight, bias)
             out.view(positions, out_l, out_k).baddbmm_(w1.expand(positions, out_l, in_m), mixed, alpha=scale)
-        ctx.scale = scale
-        ctx.save_for_backward(flat, weight, w1, w2, mixed)
-        return out.view(*ctx.input_shape[:-1], out.shape[-1])
+        return _saved_output(ctx, out, scale, flat, weight, w1, w2, mixed)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         flat, weight, w1, w2, mixed = ctx.saved_tensors
         (out_l, in_m), (out_k, in_n), positions = w1.shape, w2.shape, flat.shape[0]
         with _autocast_off(ctx):
-            grad = grad_out.reshape(-1, grad_out.shape[-1]).to(flat.dtype)
+            grad, grad_x, grad_weight, grad_bias = _base_grads(ctx, grad_out, flat, weight)
             grouped_grad = grad.reshape(positions, out_l, out_k)
             grad_mixed = torch.matmul(w1.t() * ctx.scale, grouped_grad).view(positions * in_m, out_k)
-            grad_x, grad_weight, grad_bias = _base_grads(ctx, grad, flat, weight)
             if grad_x is not None:
                 grad_x.view(positions * in_m, in_n).addmm_(grad_mixed, w2)
             grad_w1 = None
